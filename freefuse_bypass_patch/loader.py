@@ -1,0 +1,138 @@
+"""``load_bypass_lora_for_models`` as it should behave: bypass gives the merged result.
+
+Differences from stock ComfyUI:
+
+* every key form of ``load_lora`` is used (fused slices and diff functions too);
+* several adapters per module, in one hook (see :mod:`.hooks`);
+* chaining: the adapters of every earlier bypass LoRA on the input patcher are carried
+  over (kept as an immutable tuple in a patcher attachment), so a second loader adds to
+  the first instead of replacing it; the input patcher is never changed;
+* one summary line; every adapter that is not applied is named in it;
+* one bad key is logged and skipped; the rest of the LoRA still loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Tuple
+
+from .hooks import AdapterSlot, check_slot
+from .keys import BypassKeyError, Target, parse_target
+from .manager import FusedBypassManager
+
+log = logging.getLogger(__name__)
+
+SLOTS_ATTACHMENT = "freefuse_bypass_lora"  # tuple[AdapterSlot, ...] on a patcher
+INJECTION_KEY = "bypass_lora"  # the key stock ComfyUI uses; ours replaces it
+FORK_MANAGER_ATTACHMENT = "bypass_lora_manager"  # the 0.14.1 fork keeps its manager here
+
+
+def previous_slots(patcher) -> Tuple[AdapterSlot, ...]:
+    """Bypass adapters already on ``patcher``: ours, or the 0.14.1 fork's shared manager's."""
+    attachments = getattr(patcher, "attachments", {}) or {}
+    ours = attachments.get(SLOTS_ATTACHMENT)
+    if ours is not None:
+        return tuple(ours)
+    fork_manager = attachments.get(FORK_MANAGER_ATTACHMENT)
+    fork_adapters = getattr(fork_manager, "adapters", None)
+    if not isinstance(fork_adapters, dict):
+        return ()
+    slots = []
+    for module_key, entries in fork_adapters.items():
+        for entry in entries if isinstance(entries, list) else [entries]:
+            adapter, strength = entry[0], entry[1]
+            offset = entry[2] if len(entry) > 2 else None
+            weight_key = module_key + ".weight"
+            slots.append(AdapterSlot(weight_key, Target(weight_key, offset), adapter, float(strength)))
+    return tuple(slots)
+
+
+def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
+                errors: List[str]) -> set:
+    """Put the adapters that target ``root``'s weights on ``patcher`` as bypass hooks.
+
+    Returns the load_lora keys that matched. ``patcher`` must be a fresh clone.
+    """
+    matched = set()
+    earlier = previous_slots(patcher)
+    if not adapters and not earlier:
+        return matched
+    shapes = {k: tuple(v.shape) for k, v in root.state_dict().items()} if adapters else {}
+    new_slots = []
+    for key, adapter in adapters.items():
+        try:
+            target = parse_target(key)
+        except BypassKeyError as err:
+            errors.append(str(err))
+            continue
+        if target.weight_key not in shapes:
+            continue
+        slot = AdapterSlot(key, target, adapter, float(strength))
+        try:
+            check_slot(slot, shapes[target.weight_key])
+        except BypassKeyError as err:
+            errors.append(str(err))
+            continue
+        matched.add(key)
+        if strength != 0:
+            new_slots.append(slot)
+    slots = earlier + tuple(new_slots)
+    if new_slots or earlier:
+        patcher.set_attachments(SLOTS_ATTACHMENT, slots)
+        patcher.set_injections(INJECTION_KEY, FusedBypassManager(slots).create_injections(root))
+    return matched
+
+
+def load_bypass_lora_for_models(model, clip, lora, strength_model, strength_clip):
+    """Drop-in for ``comfy.sd.load_bypass_lora_for_models`` (same arguments, same return)."""
+    import comfy.lora
+    import comfy.lora_convert
+    from comfy.weight_adapter import WeightAdapterBase
+
+    key_map: Dict[str, Any] = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
+
+    adapters = {k: v for k, v in loaded.items() if isinstance(v, WeightAdapterBase)}
+    regular = {k: v for k, v in loaded.items() if k not in adapters}
+    applied: set = set()
+    errors: List[str] = []
+
+    new_model = None
+    if model is not None:
+        new_model = model.clone()
+        if regular:
+            applied.update(new_model.add_patches(regular, strength_model))
+        applied |= bypass_into(new_model, new_model.model, adapters, strength_model, errors)
+
+    new_clip = None
+    if clip is not None:
+        new_clip = clip.clone()
+        if regular:
+            applied.update(new_clip.add_patches(regular, strength_clip))
+        applied |= bypass_into(new_clip.patcher, new_clip.cond_stage_model, adapters, strength_clip, errors)
+
+    _report(loaded, adapters, applied, errors)
+    return new_model, new_clip
+
+
+def _report(loaded, adapters, applied, errors) -> None:
+    for err in errors:
+        log.error("[freefuse_bypass_patch] %s; adapter skipped", err)
+    if loaded and not applied:
+        log.warning("[freefuse_bypass_patch] bypass LoRA: 0 of %d keys matched this model", len(loaded))
+        return
+    bypassed = [k for k in adapters if k in applied]
+    fused = sum(1 for k in bypassed if isinstance(k, tuple) and len(k) > 1 and k[1] is not None)
+    funcs = sum(1 for k in bypassed if isinstance(k, tuple) and len(k) > 2)
+    missing = [k for k in loaded if k not in applied]
+    line = ("[freefuse_bypass_patch] bypass LoRA: %d adapters in bypass (%d on fused slices, "
+            "%d with a diff function), %d regular patches" % (
+                len(bypassed), fused, funcs, len(applied) - len(bypassed)))
+    if missing:
+        log.warning("%s; NOT applied (%d): %s", line, len(missing), ", ".join(map(str, missing)))
+    else:
+        log.info(line)

@@ -1,0 +1,89 @@
+"""A set of bypass adapters for one model, turned into one ModelPatcher injection.
+
+It is what ``comfy.weight_adapter.bypass.BypassInjectionManager`` should be: it accepts
+all three ``load_lora`` key forms, keeps any number of adapters per module, and builds one
+:class:`~freefuse_bypass_patch.hooks.FusedBypassHook` per module. It imports nothing from
+the bypass module, so it also runs on ComfyUI versions that predate bypass mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+from .hooks import AdapterSlot, FusedBypassHook, check_slot
+from .keys import Offset, parse_target
+
+log = logging.getLogger(__name__)
+
+
+class FusedBypassManager:
+    """Adapters keyed by target; ``create_injections`` gives one injection for all of them."""
+
+    def __init__(self, slots: Iterable[AdapterSlot] = ()):
+        self.slots: List[AdapterSlot] = list(slots)
+        self.hooks: List[FusedBypassHook] = []
+
+    def add_adapter(self, key: Any, adapter: Any, strength: float = 1.0,
+                    offset: Optional[Offset] = None) -> AdapterSlot:
+        """Add an adapter under any load_lora key form; raises BypassKeyError on a malformed key."""
+        slot = AdapterSlot(key, parse_target(key, offset), adapter, float(strength))
+        self.slots.append(slot)
+        return slot
+
+    def clear_adapters(self) -> None:
+        self.slots.clear()
+
+    def by_module(self) -> Dict[str, List[AdapterSlot]]:
+        grouped: Dict[str, List[AdapterSlot]] = {}
+        for slot in self.slots:
+            grouped.setdefault(slot.target.module_path, []).append(slot)
+        return grouped
+
+    def create_hooks(self, model: torch.nn.Module) -> List[FusedBypassHook]:
+        """One hook per module; slots whose module is missing or misfit are logged and left out."""
+        hooks = []
+        for path, slots in self.by_module().items():
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                log.warning("[freefuse_bypass_patch] no module %r in %s; %d adapter(s) not applied",
+                            path, type(model).__name__, len(slots))
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                log.warning("[freefuse_bypass_patch] module %r has no weight; %d adapter(s) not applied",
+                            path, len(slots))
+                continue
+            fitting = []
+            for slot in slots:
+                try:
+                    check_slot(slot, weight.shape)
+                    fitting.append(slot)
+                except ValueError as err:
+                    log.error("[freefuse_bypass_patch] %s; adapter not applied", err)
+            if fitting:
+                hooks.append(FusedBypassHook(module, path, fitting))
+        self.hooks = hooks
+        return hooks
+
+    def create_injections(self, model: torch.nn.Module) -> list:
+        """A single PatcherInjection that attaches and detaches every hook."""
+        from comfy.patcher_extension import PatcherInjection
+
+        hooks = self.create_hooks(model)
+
+        def inject(model_patcher=None):
+            for hook in hooks:
+                hook.attach()
+
+        def eject(model_patcher=None):
+            for hook in hooks:
+                hook.detach()
+
+        return [PatcherInjection(inject=inject, eject=eject)]
+
+    def get_hook_count(self) -> int:
+        return len(self.hooks)

@@ -1,0 +1,255 @@
+"""Tiny real ComfyUI models and LoRA files, for the self-check, the tests and the benchmark.
+
+Everything is built with ComfyUI's own classes (``comfy.supported_models.Flux``) and LoRA
+state dicts are derived from ComfyUI's own key map, so each naming convention produces
+exactly the keys that ComfyUI recognises in the tree under test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48,
+                 hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                 axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+
+# LoRA naming conventions: name -> (prefix in ComfyUI's key map, up/down suffixes)
+CONVENTIONS = {
+    "diffusers": ("transformer.", ".lora_B.weight", ".lora_A.weight"),
+    "onetrainer": ("lora_transformer_", ".lora_up.weight", ".lora_down.weight"),
+    "kohya": ("lora_unet_", ".lora_up.weight", ".lora_down.weight"),
+}
+
+
+def use_comfyui(path: Optional[str]) -> None:
+    """Make the ComfyUI tree at ``path`` importable as ``comfy`` and put it in CPU mode."""
+    if path:
+        path = os.path.abspath(path)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    os.environ.setdefault("COMFYUI_CPU", "true")  # the pip-installable fork reads settings from env
+    import comfy.cli_args
+
+    args = getattr(comfy.cli_args, "args", None)
+    if args is not None and hasattr(args, "cpu"):
+        args.cpu = True
+
+
+def tiny_flux(seed: int = 0, **overrides):
+    """A ModelPatcher around a small random Flux built by ComfyUI's own classes, on CPU."""
+    import comfy.ldm.flux.model as flux_model
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = dict(TINY_FLUX, **overrides)
+    fields = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        config.setdefault("txt_ids_dims", [])  # newer trees require it; model detection sets [] for Flux.1
+    model = comfy.supported_models.Flux(config).get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # ComfyUI's ops skip init: weights would be uninitialised memory
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def flux_inputs(seed: int = 1, image: int = 8, tokens: int = 5, batch: int = 1, config=None):
+    config = config or TINY_FLUX
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(batch, config["in_channels"], image, image, generator=gen),
+        t=torch.full((batch,), 0.5),
+        c_crossattn=torch.randn(batch, tokens, config["context_in_dim"], generator=gen),
+        y=torch.randn(batch, config["vec_in_dim"], generator=gen),
+        guidance=torch.full((batch,), 3.5),
+    )
+
+
+def forward(patcher, inputs) -> torch.Tensor:
+    """Load ``patcher`` the way ComfyUI does, run the diffusion model once, unload everything."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    try:
+        with torch.no_grad():
+            x = inputs["x"]
+            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+            return patcher.model.apply_model(x, inputs["t"], **rest).clone()
+    finally:
+        mm.unload_all_models()
+
+
+def lora_targets(model, convention: str) -> List[Tuple[str, object, Tuple[int, int]]]:
+    """(lora name, key-map target, (out rows, in features)) for every 2-D weight the convention reaches."""
+    import comfy.lora
+
+    prefix = CONVENTIONS[convention][0]
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = []
+    for name, target in key_map.items():
+        if not name.startswith(prefix):
+            continue
+        weight_key = target if isinstance(target, str) else target[0]
+        shape = shapes.get(weight_key)
+        if shape is None or len(shape) != 2 or not weight_key.endswith(".weight"):
+            continue
+        rows = shape[0]
+        if isinstance(target, tuple) and target[1] is not None:
+            rows = target[1][2]
+        out.append((name, target, (rows, shape[1])))
+    return sorted(out, key=lambda item: item[0])
+
+
+def make_lora(model, convention: str, rank: int = 4, seed: int = 0, alpha: Optional[float] = None,
+              scale: float = 0.2, only: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A random LoRA state dict in ``convention`` naming; ``only`` keeps "slices" or "whole" targets."""
+    _, up_suffix, down_suffix = CONVENTIONS[convention]
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, target, (rows, cols) in lora_targets(model, convention):
+        fused = isinstance(target, tuple) and target[1] is not None
+        if only == "slices" and not fused or only == "whole" and fused:
+            continue
+        sd[name + down_suffix] = torch.randn(rank, cols, generator=gen) * scale
+        sd[name + up_suffix] = torch.randn(rows, rank, generator=gen) * scale
+        if alpha is not None:
+            sd[name + ".alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def save_lora(sd: Dict[str, torch.Tensor], path: str) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return path
+
+
+def load_lora_file(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+class LogCapture(logging.Handler):
+    """Collects log records (root logger) while active."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def count(self, text: str) -> int:
+        return sum(1 for r in self.records if text in r.getMessage())
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._level = root.level
+        root.setLevel(min(root.level or logging.WARNING, logging.INFO))
+        root.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._level)
+
+
+def weights_snapshot(patcher) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def chain(load, patcher, loras: Iterable[Tuple[Dict[str, torch.Tensor], float]]):
+    for sd, strength in loras:
+        patcher = load(patcher, None, sd, strength, 0)[0]
+    return patcher
+
+
+def compare(loras: List[Tuple[Dict[str, torch.Tensor], float]], seed: int = 0) -> dict:
+    """Bypass vs merged for a chain of LoRAs on a tiny Flux, with whatever loader comfy.sd has now."""
+    import comfy.sd
+
+    base = tiny_flux(seed)
+    inputs = flux_inputs()
+    before = weights_snapshot(base)
+    base_out = forward(base, inputs)
+    merged_out = forward(chain(comfy.sd.load_lora_for_models, base, loras), inputs)
+    with LogCapture() as logs:
+        bypass = chain(comfy.sd.load_bypass_lora_for_models, base, loras)
+        bypass_out = forward(bypass, inputs)
+    after_out = forward(base, inputs)
+    after = weights_snapshot(base)
+    return dict(
+        dropped=logs.count("not in model state_dict"),
+        rel_diff=max_rel_diff(bypass_out, merged_out),
+        abs_diff=float((bypass_out - merged_out).abs().max()),
+        lora_effect=max_rel_diff(merged_out, base_out),
+        bypass_effect=max_rel_diff(bypass_out, base_out),
+        weights_unchanged=all(torch.equal(before[k], after[k]) for k in before),
+        base_restored=torch.equal(after_out, base_out),
+    )
+
+
+def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4) -> int:
+    """The README's first command: stock vs patched bypass on a diffusers-format Flux LoRA."""
+    use_comfyui(comfyui)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)  # ComfyUI is chatty at INFO
+    from . import install, uninstall
+    from .patching import capabilities, comfyui_version
+
+    probe = tiny_flux()
+    if lora_path:
+        lora = load_lora_file(lora_path)
+    else:
+        lora = make_lora(probe.model, "diffusers", rank=rank, alpha=rank)
+    print("ComfyUI %s at %s" % (comfyui_version(), comfyui or "(already importable)"))
+    _print_key_summary(probe.model, lora)
+    try:
+        import comfy.weight_adapter.bypass  # noqa: F401
+    except ImportError:
+        install()
+        print("This ComfyUI has no bypass mode: the plugin stays inert (nothing to fix).")
+        return 0
+
+    uninstall()
+    stock = compare([(lora, 1.0)])
+    install()
+    caps = capabilities()
+    patched = compare([(lora, 1.0)])
+    print("%-8s %9s %22s %14s %16s" % ("loader", "dropped", "max|bypass-merged|/max", "LoRA effect", "weights intact"))
+    for name, r in (("stock", stock), ("patched", patched)):
+        print("%-8s %9d %22.3e %14.3e %16s" % (name, r["dropped"], r["rel_diff"], r["lora_effect"],
+                                              r["weights_unchanged"] and r["base_restored"]))
+    if caps is not None and caps.problems:
+        print("guards: " + "; ".join(caps.problems))
+    ok = patched["rel_diff"] <= 1e-5 and patched["dropped"] == 0 and patched["weights_unchanged"]
+    print("RESULT: %s" % ("bypass == merged" if ok else "MISMATCH"))
+    return 0 if ok else 1
+
+
+def _print_key_summary(model, lora) -> None:
+    import comfy.lora
+    import comfy.lora_convert
+
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
+    whole = sum(1 for k in loaded if isinstance(k, str))
+    sliced = sum(1 for k in loaded if isinstance(k, tuple) and k[1] is not None)
+    funcs = sum(1 for k in loaded if isinstance(k, tuple) and len(k) > 2)
+    print("LoRA: %d tensors -> %d patches: %d whole weights, %d fused slices, %d with a diff function"
+          % (len(lora), len(loaded), whole, sliced, funcs))

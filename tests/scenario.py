@@ -1,0 +1,96 @@
+"""One bypass-vs-merged scenario in a fresh process, activated one of three ways.
+
+Run by tests/test_activation.py: ``python tests/scenario.py ACTIVATION COMFYUI_TREE`` with
+ACTIVATION in {explicit, sitecustomize, custom_nodes}; prints one JSON line. The plugin's
+helpers are loaded from their file, not as a package, so that importing them does not
+activate the plugin (custom_nodes must be activated by ComfyUI's own loader).
+"""
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PKG = os.path.join(os.path.dirname(HERE), "freefuse_bypass_patch")
+MARK = "_self_freefuse_bypass_patch"
+
+
+def _load_selfcheck():
+    spec = importlib.util.spec_from_file_location("ffbp_selfcheck", os.path.join(PKG, "selfcheck.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _activate(how, tree):
+    report = {"imported_before_comfy": "freefuse_bypass_patch" in sys.modules and "comfy.sd" not in sys.modules}
+    sc = _load_selfcheck()
+    sc.use_comfyui(tree)
+    import comfy.sd
+
+    if how == "explicit":
+        sys.path.insert(0, os.path.dirname(PKG))
+        os.environ["FREEFUSE_BYPASS_PATCH_DISABLE"] = "1"
+        import freefuse_bypass_patch as ffbp
+
+        report["patched_when_disabled"] = ffbp.is_patched()
+        report["install_when_disabled"] = ffbp.install()
+        del os.environ["FREEFUSE_BYPASS_PATCH_DISABLE"]
+        report["install"] = [ffbp.install(), ffbp.install()]
+        wrapper = comfy.sd.load_bypass_lora_for_models
+        ffbp.uninstall()
+        report["unpatched_after_uninstall"] = not getattr(comfy.sd.load_bypass_lora_for_models, MARK, False)
+        ffbp.uninstall()
+        ffbp.install()
+        report["single_wrapper"] = getattr(comfy.sd.load_bypass_lora_for_models.__wrapped__, MARK, False) is False
+        report["rewrapped"] = comfy.sd.load_bypass_lora_for_models is not wrapper
+    elif how == "custom_nodes":
+        import nodes
+
+        folder = os.path.join(tempfile.mkdtemp(prefix="ffbp_cn_"), "custom_nodes")
+        os.makedirs(folder)
+        link = os.path.join(folder, "freefuse_bypass_patch")
+        os.symlink(PKG, link)
+        before = len(nodes.NODE_CLASS_MAPPINGS)
+        loaded = nodes.load_custom_node(link)
+        if asyncio.iscoroutine(loaded):
+            loaded = asyncio.run(loaded)
+        report["loader_result"] = loaded
+        report["nodes_added"] = len(nodes.NODE_CLASS_MAPPINGS) - before
+        report["plain_package_imported"] = "freefuse_bypass_patch" in sys.modules
+    report["patched"] = bool(getattr(comfy.sd.load_bypass_lora_for_models, MARK, False))
+    return sc, report
+
+
+def main(how, tree):
+    sc, report = _activate(how, tree)
+    import comfy.sd
+
+    probe = sc.tiny_flux().model
+    diffusers1 = sc.make_lora(probe, "diffusers", rank=4, seed=1, alpha=4)
+    diffusers2 = sc.make_lora(probe, "diffusers", rank=8, seed=2, alpha=4)
+    kohya = sc.make_lora(probe, "kohya", rank=4, seed=3)
+    path = os.path.join(tempfile.mkdtemp(prefix="ffbp_lora_"), "character.safetensors")
+    diffusers1 = sc.load_lora_file(sc.save_lora(diffusers1, path))
+
+    report["single"] = sc.compare([(diffusers1, 1.0)])
+    report["chained"] = sc.compare([(diffusers1, 0.8), (diffusers2, 0.6), (kohya, 1.0)])
+    report["zero"] = sc.compare([(diffusers1, 0.0)])
+
+    # the first patcher of a chain keeps computing its own LoRA only
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    first = comfy.sd.load_bypass_lora_for_models(base, None, diffusers1, 1.0, 0)[0]
+    comfy.sd.load_bypass_lora_for_models(first, None, diffusers2, 1.0, 0)
+    merged_first = sc.forward(comfy.sd.load_lora_for_models(base, None, diffusers1, 1.0, 0)[0], inputs)
+    report["first_after_chain"] = sc.max_rel_diff(sc.forward(first, inputs), merged_first)
+    report["hooks_left"] = sum(1 for m in base.model.modules() if "_freefuse_bypass_hook" in m.__dict__
+                               or "forward" in m.__dict__)
+    print("SCENARIO " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -27,17 +28,26 @@ CONVENTIONS = {
 }
 
 
-def use_comfyui(path: Optional[str]) -> None:
-    """Make the ComfyUI tree at ``path`` importable as ``comfy`` and put it in CPU mode."""
+def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
+    """Make the ComfyUI tree at ``path`` importable as ``comfy`` (in CPU mode unless ``cpu=False``).
+
+    The pip-installable fork (0.12.1) parses ``sys.argv`` and ``COMFYUI_*`` variables when
+    it is first imported and writes its user folders under the working directory, so for
+    it the command line is cleared and the process moves to a temporary directory.
+    """
     if path:
         path = os.path.abspath(path)
         if path not in sys.path:
             sys.path.insert(0, path)
-    os.environ.setdefault("COMFYUI_CPU", "true")  # the pip-installable fork reads settings from env
+        if os.path.isdir(os.path.join(path, "comfy", "cmd")):
+            sys.argv = sys.argv[:1]
+            os.chdir(tempfile.mkdtemp(prefix="ffbp_comfyui_"))
+    if cpu:
+        os.environ.setdefault("COMFYUI_CPU", "true")
     import comfy.cli_args
 
     args = getattr(comfy.cli_args, "args", None)
-    if args is not None and hasattr(args, "cpu"):
+    if cpu and args is not None and hasattr(args, "cpu"):
         args.cpu = True
 
 
@@ -205,6 +215,7 @@ def compare(loras: List[Tuple[Dict[str, torch.Tensor], float]], seed: int = 0) -
 
 def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4) -> int:
     """The README's first command: stock vs patched bypass on a diffusers-format Flux LoRA."""
+    lora_path = os.path.abspath(lora_path) if lora_path else None
     use_comfyui(comfyui)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:

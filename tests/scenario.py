@@ -48,21 +48,34 @@ def _activate(how, tree):
         report["single_wrapper"] = getattr(comfy.sd.load_bypass_lora_for_models.__wrapped__, MARK, False) is False
         report["rewrapped"] = comfy.sd.load_bypass_lora_for_models is not wrapper
     elif how == "custom_nodes":
-        import nodes
-
         folder = os.path.join(tempfile.mkdtemp(prefix="ffbp_cn_"), "custom_nodes")
         os.makedirs(folder)
         link = os.path.join(folder, "freefuse_bypass_patch")
         os.symlink(PKG, link)
-        before = len(nodes.NODE_CLASS_MAPPINGS)
-        loaded = nodes.load_custom_node(link)
-        if asyncio.iscoroutine(loaded):
-            loaded = asyncio.run(loaded)
-        report["loader_result"] = loaded
-        report["nodes_added"] = len(nodes.NODE_CLASS_MAPPINGS) - before
-        report["plain_package_imported"] = "freefuse_bypass_patch" in sys.modules
+        report["imported_before_loader"] = "freefuse_bypass_patch" in sys.modules
+        report["nodes_added"], report["loader_result"] = _load_with_comfyui_loader(link)
     report["patched"] = bool(getattr(comfy.sd.load_bypass_lora_for_models, MARK, False))
     return sc, report
+
+
+def _load_with_comfyui_loader(package_dir):
+    """(number of nodes registered, loader result) through the tree's own custom-node loader."""
+    if os.path.isdir(os.path.join(list(__import__("comfy").__path__)[0], "cmd")):
+        # the pip-installable fork: its vanilla custom-node importer (logs errors, returns nodes)
+        from comfy.nodes import vanilla_node_importing
+        from comfy_compatibility.vanilla import prepare_vanilla_environment
+
+        prepare_vanilla_environment()
+        exported = vanilla_node_importing._vanilla_load_custom_nodes_1(package_dir)
+        loaded = getattr(sys.modules.get("freefuse_bypass_patch"), "__file__", "").startswith(package_dir)
+        return len(exported.NODE_CLASS_MAPPINGS), loaded
+    import nodes
+
+    before = len(nodes.NODE_CLASS_MAPPINGS)
+    loaded = nodes.load_custom_node(package_dir)
+    if asyncio.iscoroutine(loaded):
+        loaded = asyncio.run(loaded)
+    return len(nodes.NODE_CLASS_MAPPINGS) - before, loaded
 
 
 def main(how, tree):

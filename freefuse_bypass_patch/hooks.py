@@ -52,6 +52,23 @@ def is_trainable(adapter: Any) -> bool:
     return isinstance(adapter, torch.nn.Module)
 
 
+# Where each adapter type keeps its DoRA scale in ``weights`` (ComfyUI's load() order).
+_DORA_INDEX = {"lora": 4, "loha": 7, "lokr": 8}
+
+
+def weight_dependent(adapter: Any) -> bool:
+    """True when the adapter's delta depends on the weight it patches (DoRA, OFT, BOFT, GLoRA...).
+
+    Such deltas do not commute with the other patches of the same weight, so they are
+    computed in load order against the patched weight. Unknown types count as dependent.
+    """
+    index = _DORA_INDEX.get(getattr(adapter, "name", None))
+    if index is None:
+        return True
+    weights = getattr(adapter, "weights", ())
+    return len(weights) > index and weights[index] is not None
+
+
 def lora_factors(adapter: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[float]]]:
     """(up, down, alpha) for a plain LoRA; None for anything that is not a plain LoRA."""
     if is_trainable(adapter) or getattr(adapter, "name", None) != "lora":
@@ -157,16 +174,23 @@ class FusedBypassHook:
         self.slots = tuple(slots)
         weight = getattr(module, "weight", None)
         linear = isinstance(weight, torch.Tensor) and weight.dim() == 2
-        self.grouped = tuple(
-            s for s in self.slots
-            if linear and s.target.function is None and lora_factors(s.adapter) is not None
-            and (s.target.offset is None or s.target.offset[0] == 0)
-        )
         self.trainable = tuple(s for s in self.slots if is_trainable(s.adapter))
-        self.dense = tuple(s for s in self.slots if s not in self.grouped and s not in self.trainable)
+        merged_like = tuple(s for s in self.slots if s not in self.trainable)
+        if any(weight_dependent(s.adapter) for s in merged_like):
+            # DoRA/OFT/BOFT/GLoRA read the weight they patch; the merged path patches in
+            # order, so every adapter of this module goes into one ordered delta.
+            self.grouped = ()
+            self.dense_groups = (merged_like,) if merged_like else ()
+        else:
+            self.grouped = tuple(
+                s for s in merged_like
+                if linear and s.target.function is None and lora_factors(s.adapter) is not None
+                and (s.target.offset is None or s.target.offset[0] == 0)
+            )
+            self.dense_groups = tuple((s,) for s in merged_like if s not in self.grouped)
         self._grouped_cache: Dict[Tuple[Any, Any], _Grouped] = {}
-        self._dense_fp32: Optional[List[torch.Tensor]] = None
-        self._dense_cache: Dict[Tuple[Any, Any], List[torch.Tensor]] = {}
+        self._dense_fp32: Optional[List[Tuple[torch.Tensor, Optional[Tuple[int, int]]]]] = None
+        self._dense_cache: Dict[Tuple[Any, Any], list] = {}
         self._handle = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -204,7 +228,7 @@ class FusedBypassHook:
             out = out.contiguous()
         if self.grouped:
             self._add_grouped(x, out)
-        if self.dense:
+        if self.dense_groups:
             self._add_dense(x, out)
         for slot in self.trainable:
             out = self._apply_trainable(slot, x, out)
@@ -230,22 +254,28 @@ class FusedBypassHook:
     def _block_diagonal(self, out: torch.Tensor) -> bool:
         return self.layout == "block" or (self.layout == "auto" and out.is_cuda)
 
-    def _dense_deltas(self) -> List[torch.Tensor]:
-        """fp32 weight deltas of the non-grouped slots, computed once by ComfyUI's merge code."""
+    def _dense_deltas(self) -> List[Tuple[torch.Tensor, Optional[Tuple[int, int]]]]:
+        """(fp32 delta, output rows or None) per dense group, computed once by ComfyUI's merge code.
+
+        A group's patches are applied in load order to an fp32 copy of the weight, exactly
+        as the merged path does; the delta is the result minus the weight. A group of one
+        slot on a row slice keeps only those rows.
+        """
         if self._dense_fp32 is None:
             import comfy.lora  # the real merge code is the reference for these adapter types
 
             w32 = self.module.weight.detach().to(torch.float32)
             deltas = []
-            for slot in self.dense:
-                t = slot.target
-                patch = [(slot.strength, slot.adapter, 1.0, t.offset, t.function)]
-                merged = comfy.lora.calculate_weight(patch, w32.clone(), t.weight_key,
+            for group in self.dense_groups:
+                patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in group]
+                merged = comfy.lora.calculate_weight(patches, w32.clone(), group[0].target.weight_key,
                                                      intermediate_dtype=torch.float32)
-                delta = merged.to(torch.float32) - w32
-                if t.offset is not None and t.offset[0] == 0:
-                    delta = delta.narrow(0, t.offset[1], t.offset[2])
-                deltas.append(delta.contiguous())
+                delta, rows = merged.to(torch.float32) - w32, None
+                offset = group[0].target.offset
+                if len(group) == 1 and offset is not None and offset[0] == 0:
+                    rows = (offset[1], offset[2])
+                    delta = delta.narrow(0, offset[1], offset[2])
+                deltas.append((delta.contiguous(), rows))
             self._dense_fp32 = deltas
         return self._dense_fp32
 
@@ -253,14 +283,14 @@ class FusedBypassHook:
         key = (out.get_device(), out.dtype)
         deltas = self._dense_cache.get(key)
         if deltas is None:
-            deltas = self._dense_cache[key] = [d.to(device=out.device, dtype=out.dtype) for d in self._dense_deltas()]
+            deltas = self._dense_cache[key] = [(d.to(device=out.device, dtype=out.dtype), rows)
+                                               for d, rows in self._dense_deltas()]
         xc = x if x.dtype == out.dtype else x.to(out.dtype)
-        for slot, delta in zip(self.dense, deltas):
-            offset = slot.target.offset
+        for delta, rows in deltas:
             if delta.dim() != 2:
                 out.add_(_conv(self.module, xc, delta))
-            elif offset is not None and offset[0] == 0:
-                out.narrow(-1, offset[1], offset[2]).add_(F.linear(xc, delta))
+            elif rows is not None:
+                out.narrow(-1, rows[0], rows[1]).add_(F.linear(xc, delta))
             else:
                 out.add_(F.linear(xc, delta))
 

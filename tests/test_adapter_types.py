@@ -50,3 +50,28 @@ def test_adapter_type_matches_merged(kind, convention):
     assert sc.max_rel_diff(bypass_out, merged_out) <= REL_TOL
     after = sc.weights_snapshot(base)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["dora", "oft"])
+def test_weight_dependent_adapter_after_a_lora_on_the_same_weights(kind):
+    """DoRA and OFT read the weight they patch: merged applies them to W + the earlier LoRA's
+    delta, so bypass must too (their deltas do not commute with the LoRA's)."""
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    first = sc.make_lora(base.model, "kohya", rank=4, seed=61, alpha=4)
+    second = _lora(base.model, kind, "kohya", seed=62)
+    chain = [(first, 1.0), (second, 0.8)]
+    merged = sc.forward(sc.chain(comfy.sd.load_lora_for_models, base, chain), inputs)
+    separately = sc.forward(sc.chain(comfy.sd.load_lora_for_models, base, chain[1:]), inputs)
+    if HAS_BYPASS:
+        bypass = sc.chain(comfy.sd.load_bypass_lora_for_models, base, chain)
+    else:  # 0.3.75: one manager holding both, in load order
+        key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+        manager = FusedBypassManager()
+        for sd, strength in chain:
+            for key, adapter in comfy.lora.load_lora(dict(sd), key_map).items():
+                manager.add_adapter(key, adapter, strength)
+        bypass = base.clone()
+        bypass.set_injections("bypass_lora", manager.create_injections(bypass.model))
+    assert sc.max_rel_diff(merged, separately) > 10 * REL_TOL
+    assert sc.max_rel_diff(sc.forward(bypass, inputs), merged) <= REL_TOL

@@ -1,0 +1,221 @@
+"""Tiny random models of every fused-weight family, built by the running ComfyUI's own classes.
+
+Real checkpoints are gigabytes; the bug this plugin fixes lives in the key map and in the
+hooks, not in the sizes. So each family is built from ``comfy.supported_models.<Class>``
+with a minimal ``unet_config`` shaped like the ones ``comfy.model_detection`` produces
+(same flags, same fused layouts, tiny widths), on CPU in fp32, and LoRAs are derived from
+ComfyUI's own key map (``comfy.lora.model_lora_keys_unet``), so every tuple target the
+tree knows for that family is exercised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Optional
+
+import torch
+
+from . import selfcheck
+
+FAMILIES = ("flux", "chroma", "flux2", "sd3", "pixart", "lumina2", "zimage", "auraflow")
+
+# family -> (supported_models class, unet_config). Widths: hidden 64 (SD3: 64 * depth,
+# fixed by MMDiT), 2 heads, 2 blocks of each kind; text features 48, pooled vectors 32.
+_CTX = 48
+_VEC = 32
+_CONFIGS = {
+    # Chroma (model_detection: in/out_channels 64 = 16 latent channels patchified 2x2,
+    # the "distilled guidance" approximator takes 16 + 16 + 32 = 64 features and outputs
+    # hidden_size modulation vectors).
+    "chroma": ("Chroma", dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=_CTX,
+                              hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                              axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+                              in_dim=64, out_dim=64, hidden_dim=32, n_layers=1,
+                              txt_ids_dims=[], vec_in_dim=None)),
+    # Flux.2 / Klein: global modulation, gated SiLU MLP (linear1 has 3H + 2 * 3H = 9H rows),
+    # no biases, patch size 1, 4 rope axes; no guidance embedder (Klein).
+    "flux2": ("Flux2", dict(image_model="flux2", in_channels=16, out_channels=16, vec_in_dim=None,
+                            context_in_dim=_CTX, hidden_size=64, mlp_ratio=3.0, num_heads=2, depth=2,
+                            depth_single_blocks=2, axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1,
+                            qkv_bias=False, guidance_embed=False, global_modulation=True, mlp_silu_act=True,
+                            ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                            txt_ids_dims=[3])),
+    # SD3 MMDiT: hidden = 64 * depth; the last context block is "pre_only"; block 0 has the
+    # SD3.5-style second self-attention (x_block.attn2.qkv); rms qk norm; 8x8 pos_embed grid.
+    "sd3": ("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None,
+                        adm_in_channels=_VEC, num_patches=64, pos_embed_max_size=8, qk_norm="rms",
+                        pos_embed_scaling_factor=None, x_block_self_attn_layers=[0],
+                        context_embedder_config={"target": "torch.nn.Linear",
+                                                 "params": {"in_features": _CTX, "out_features": 128}})),
+    # PixArt-alpha (micro conditions on): self-attention qkv and cross-attention kv are fused.
+    # hidden_size is a multiple of 3: the size (2 values) and aspect-ratio embedders give
+    # hidden // 3 features per value, added to the hidden-wide time embedding.
+    "pixart": ("PixArtAlpha", dict(image_model="pixart_alpha", num_heads=3, patch_size=2, hidden_size=96,
+                                   in_channels=4, depth=2, model_max_length=8, caption_channels=_CTX,
+                                   micro_condition=True)),
+    # Lumina 2: n_kv_heads == n_heads here because ComfyUI's key map (z_image_to_diffusers)
+    # slices qkv in thirds of dim, which only holds without grouped-query attention (the
+    # real Lumina 2 has 24 heads / 8 kv heads: there diffusers to_k/to_v slices overrun qkv).
+    "lumina2": ("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=_CTX,
+                                n_layers=2, qk_norm=True, n_heads=2, n_kv_heads=2, multiple_of=16,
+                                axes_dims=[8, 12, 12], axes_lens=[300, 512, 512], rope_theta=10000.0,
+                                ffn_dim_multiplier=4.0)),
+    # Z-Image: Lumina2 layout with its own adaLN modulation, time scale and pad tokens. Its
+    # modulation takes the 256-wide time embedding as min(dim, 256) features, so dim must be
+    # >= 256: one layer and one refiner of each kind and a narrow FFN keep it small (~2M).
+    "zimage": ("ZImage", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=_CTX,
+                              n_layers=1, n_refiner_layers=1, qk_norm=True, n_heads=8, n_kv_heads=8,
+                              multiple_of=16, axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512],
+                              rope_theta=256.0, ffn_dim_multiplier=0.25, z_image_modulation=True,
+                              time_scale=1000.0, pad_tokens_multiple=32)),
+    # AuraFlow: separate q/k/v (no slices); the final modulation modF.1 is a function tuple.
+    "auraflow": ("AuraFlow", dict(in_channels=4, out_channels=4, patch_size=2, dim=64, n_heads=2,
+                                  n_layers=2, n_double_layers=1, global_conddim=64, cond_seq_dim=_CTX,
+                                  max_seq=64)),
+}
+
+# Families whose key map has slices of fused weights (AuraFlow has a function tuple only).
+SLICED = frozenset(FAMILIES) - {"auraflow"}
+
+
+def _config(family: str) -> dict:
+    """The family's unet_config, minus fields the running tree's params dataclass lacks."""
+    config = dict(_CONFIGS[family][1])
+    if family in ("chroma", "flux2"):
+        if family == "chroma":
+            import comfy.ldm.chroma.model as module
+            params = module.ChromaParams
+        else:
+            import comfy.ldm.flux.model as module
+            params = module.FluxParams
+        fields = {f.name for f in dataclasses.fields(params)}
+        config = {k: v for k, v in config.items() if k in fields or k == "image_model"}
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def available(family: str) -> bool:
+    """Does the running ComfyUI have ``family``: its class exists and a tiny model builds?
+
+    All four pinned trees (0.3.75, 0.12.1, 0.14.1, 0.28.0) build every family; a tree
+    without the class, or whose constructor rejects this config, answers False.
+    """
+    if family not in FAMILIES:
+        raise ValueError("unknown family %r (one of %s)" % (family, ", ".join(FAMILIES)))
+    if family != "flux":
+        import comfy.supported_models
+
+        if not hasattr(comfy.supported_models, _CONFIGS[family][0]):
+            return False
+    try:
+        tiny_model(family)
+    except Exception:  # constructor arguments this tree does not know
+        return False
+    return True
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A ModelPatcher around a random ``family`` model (CPU, fp32, well under a million parameters)."""
+    if family == "flux":
+        return selfcheck.tiny_flux(seed)
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    class_name, _ = _CONFIGS[family]
+    model_config = getattr(comfy.supported_models, class_name)(_config(family))
+    model_config.set_inference_dtype(torch.float32, None)
+    device = torch.device("cpu")
+    model = model_config.get_model({}, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # ComfyUI's ops skip init: weights (and SD3's pos_embed buffer) are uninitialised
+        for name, p in model.diffusion_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        for name, b in model.diffusion_model.named_buffers():
+            if name.endswith("pos_embed"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def tiny_inputs(family: str, seed: int = 1, image: int = 8, tokens: int = 5) -> dict:
+    """x, t and the apply_model keyword arguments ``family``'s diffusion model needs."""
+    if family == "flux":
+        return selfcheck.flux_inputs(seed, image=image, tokens=tokens)
+    if family == "pixart":
+        # PixArt's sin-cos position grid divides by round(image / 64) * 64 // patch: >= 48 pixels
+        image = max(image, 48)
+    gen = torch.Generator().manual_seed(seed)
+    channels = {"pixart": 4, "auraflow": 4}.get(family, 16)
+    inputs = dict(x=torch.randn(1, channels, image, image, generator=gen), t=torch.full((1,), 0.5),
+                  c_crossattn=torch.randn(1, tokens, _CTX, generator=gen))
+    if family == "sd3":
+        inputs["y"] = torch.randn(1, _VEC, generator=gen)  # pooled text vector
+    if family == "chroma":
+        inputs["guidance"] = torch.full((1,), 0.0)  # the forward needs it (fed to the approximator)
+    if family in ("lumina2", "zimage"):
+        inputs["num_tokens"] = tokens  # Lumina2's forward requires the caption length
+    return inputs
+
+
+def family_lora(model, family: str, seed: int = 0, rank: int = 4, convention: str = "diffusers",
+                scale: float = 0.2) -> Dict[str, torch.Tensor]:
+    """A random LoRA on every 2-D weight that ``convention`` names in ComfyUI's key map.
+
+    Fused weights get their slices (to_q/to_k/to_v, ...), function tuples (swap_scale_shift)
+    their whole weight; each target gets one name only (load_lora keeps one patch per
+    target), and a weight reached through slices gets no whole-weight name too. For
+    "diffusers" the prefix is "transformer." where the key map has tuple targets under it,
+    else "diffusion_model." (ComfyUI 0.3.75 maps Lumina2's diffusers names only there).
+    ``family`` is unused beyond documentation: everything comes from the model's key map.
+    """
+    _, up_suffix, down_suffix = selfcheck.CONVENTIONS[convention]
+    if convention == "diffusers":
+        targets = _targets(model, "transformer.")
+        if not any(isinstance(t, tuple) for _, t, _ in targets):
+            targets = _targets(model, "diffusion_model.") or targets
+    else:
+        targets = _targets(model, selfcheck.CONVENTIONS[convention][0])
+    sliced = {t[0] for _, t, _ in targets if isinstance(t, tuple) and t[1] is not None}
+    gen = torch.Generator().manual_seed(seed)
+    sd, seen = {}, set()
+    for name, target, (rows, cols) in targets:
+        weight_key = target if isinstance(target, str) else target[0]
+        fused = isinstance(target, tuple) and target[1] is not None
+        if (not fused and weight_key in sliced) or target in seen:
+            continue
+        seen.add(target)
+        sd[name + down_suffix] = torch.randn(rank, cols, generator=gen) * scale
+        sd[name + up_suffix] = torch.randn(rows, rank, generator=gen) * scale
+    return sd
+
+
+def _targets(model, prefix: str):
+    """(lora name, key-map target, (rows, in features)) for each 2-D weight named under ``prefix``."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = []
+    for name, target in key_map.items():
+        weight_key = target if isinstance(target, str) else target[0]
+        shape = shapes.get(weight_key)
+        if not name.startswith(prefix) or shape is None or len(shape) != 2 or not weight_key.endswith(".weight"):
+            continue
+        rows = target[1][2] if isinstance(target, tuple) and target[1] is not None else shape[0]
+        out.append((name, target, (rows, shape[1])))
+    return sorted(out, key=lambda item: item[0])
+
+
+def key_forms(loaded) -> Dict[str, int]:
+    """Counts of the key forms in ``comfy.lora.load_lora`` output: whole, slice, function."""
+    forms = dict(whole=0, slice=0, function=0)
+    for key in loaded:
+        if isinstance(key, str):
+            forms["whole"] += 1
+        elif len(key) > 2 and key[2] is not None:
+            forms["function"] += 1
+        elif key[1] is not None:
+            forms["slice"] += 1
+        else:
+            forms["whole"] += 1
+    return forms

@@ -1,0 +1,74 @@
+"""Bypass LoRAs on a text encoder (ComfyUI's own SD1 CLIP-L class, tiny): chained LoRAs all
+stay active, the CLIP they were cloned from keeps its own, and bypass equals merged."""
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import torch
+
+from freefuse_bypass_patch import selfcheck as sc
+from support import REL_TOL, bypass_era
+
+pytestmark = bypass_era
+
+TINY_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "projection_dim": 32}
+
+
+def tiny_clip(seed=0):
+    model = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32,
+                                        model_options={"clip_l_model_config": dict(TINY_CLIP_L)})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    clip = comfy.sd.CLIP(no_init=True)  # the attributes CLIP.clone() copies; no checkpoint to load
+    clip.cond_stage_model = model
+    clip.patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                                    offload_device=torch.device("cpu"))
+    clip.tokenizer = comfy.sd1_clip.SD1Tokenizer(embedding_directory=None)
+    clip.layer_idx, clip.tokenizer_options = None, {}
+    clip.use_clip_schedule, clip.apply_hooks_to_conds = False, None
+    return clip
+
+
+def encode(clip):
+    tokens = torch.tensor([[49406, 320, 1125, 539, 320, 2368] + [49407] * 71])  # CLIP-L: 77 positions
+    mm.load_models_gpu([clip.patcher])
+    try:
+        with torch.no_grad():
+            return clip.cond_stage_model.clip_l.transformer(tokens)[0].clone()
+    finally:
+        mm.unload_all_models()
+
+
+def clip_lora(clip, seed, rank=4):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
+    sd = {}
+    for name, target in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items():
+        if name.startswith("lora_te_") and isinstance(target, str) and len(shapes.get(target, ())) == 2:
+            rows, cols = shapes[target]
+            sd[name + ".lora_down.weight"] = torch.randn(rank, cols, generator=gen) * 0.3
+            sd[name + ".lora_up.weight"] = torch.randn(rows, rank, generator=gen) * 0.3
+    return sd
+
+
+def test_chained_clip_loras_stay_active_and_match_merged():
+    clip = tiny_clip()
+    a, b = clip_lora(clip, 1), clip_lora(clip, 2)
+    assert len(a) >= 24
+    base_out = encode(clip)
+    merged = comfy.sd.load_lora_for_models(None, clip, a, 0, 0.7)[1]
+    merged = comfy.sd.load_lora_for_models(None, merged, b, 0, 1.2)[1]
+    merged_a = encode(comfy.sd.load_lora_for_models(None, clip, a, 0, 0.7)[1])
+    merged_out = encode(merged)
+
+    first = comfy.sd.load_bypass_lora_for_models(None, clip, a, 0, 0.7)[1]
+    second = comfy.sd.load_bypass_lora_for_models(None, first, b, 0, 1.2)[1]
+    assert sc.max_rel_diff(merged_out, base_out) > 0.05 and sc.max_rel_diff(merged_out, merged_a) > 0.05
+    assert sc.max_rel_diff(encode(second), merged_out) <= REL_TOL  # both LoRAs active
+    assert sc.max_rel_diff(encode(first), merged_a) <= REL_TOL  # the first keeps its own only
+    assert torch.equal(encode(clip), base_out)

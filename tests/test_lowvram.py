@@ -1,0 +1,41 @@
+"""Partial loading (ComfyUI's lowvram path) on CPU: with a memory budget far below the
+model's size, ComfyUI leaves most weights to be cast at forward time; bypass must still
+equal merged loaded the same way, and unpatching must restore the base output."""
+
+import comfy.sd
+import torch
+
+from freefuse_bypass_patch import selfcheck as sc
+from support import REL_TOL, adapter_lora, bypass_era
+
+pytestmark = bypass_era
+
+BUDGET = 64 * 1024  # bytes: a few small layers fit, the rest is "lowvram"
+
+
+def _run_partially_loaded(patcher, inputs):
+    patcher.patch_model(torch.device("cpu"), lowvram_model_memory=BUDGET)
+    try:
+        lowvram = sum(1 for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False))
+        with torch.no_grad():
+            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+            return patcher.model.apply_model(inputs["x"], inputs["t"], **rest).clone(), lowvram
+    finally:
+        patcher.unpatch_model()
+
+
+def test_partial_load_bypass_equals_merged():
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    lora = sc.make_lora(base.model, "diffusers", rank=4, seed=51, alpha=4)
+    dora = adapter_lora(base.model, "dora", "kohya", seed=52, limit=8)
+    loras = [(lora, 0.9), (dora, 0.6)]
+    base_out, _ = _run_partially_loaded(base, inputs)
+    merged_out, merged_lowvram = _run_partially_loaded(sc.chain(comfy.sd.load_lora_for_models, base, loras), inputs)
+    bypass_out, bypass_lowvram = _run_partially_loaded(sc.chain(comfy.sd.load_bypass_lora_for_models, base, loras),
+                                                       inputs)
+    assert merged_lowvram > 10 and bypass_lowvram > 10  # most layers really were left to lowvram casting
+    assert sc.max_rel_diff(merged_out, base_out) > 0.05
+    assert sc.max_rel_diff(bypass_out, merged_out) <= REL_TOL
+    again, _ = _run_partially_loaded(base, inputs)
+    assert torch.equal(again, base_out)

@@ -240,12 +240,15 @@ def chain(load, patcher, loras: Iterable[Tuple[Dict[str, torch.Tensor], float]])
     return patcher
 
 
-def compare(loras: List[Tuple[Dict[str, torch.Tensor], float]], seed: int = 0) -> dict:
-    """Bypass vs merged for a chain of LoRAs on a tiny Flux, with whatever loader comfy.sd has now."""
+def compare(loras: List[Tuple[Dict[str, torch.Tensor], float]], seed: int = 0, build=None, inputs=None) -> dict:
+    """Bypass vs merged for a chain of LoRAs, with whatever loader comfy.sd has now.
+
+    ``build()`` makes the model (default: a tiny Flux) and ``inputs`` feeds ``forward``.
+    """
     import comfy.sd
 
-    base = tiny_flux(seed)
-    inputs = flux_inputs()
+    base = build() if build is not None else tiny_flux(seed)
+    inputs = inputs if inputs is not None else flux_inputs()
     before = weights_snapshot(base)
     base_out = forward(base, inputs)
     merged_out = forward(chain(comfy.sd.load_lora_for_models, base, loras), inputs)
@@ -265,8 +268,12 @@ def compare(loras: List[Tuple[Dict[str, torch.Tensor], float]], seed: int = 0) -
     )
 
 
-def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4) -> int:
-    """The README's first command: stock vs patched bypass on a diffusers-format Flux LoRA."""
+def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4, family: str = "flux") -> int:
+    """The README's first command.
+
+    Without ``lora_path``: a random diffusers-format LoRA on a tiny ``family`` model, stock
+    vs patched bypass against merged. With it: a dry run of how that file's keys map.
+    """
     lora_path = os.path.abspath(lora_path) if lora_path else None
     comfyui = comfyui or default_comfyui()
     if comfyui is None:
@@ -277,21 +284,36 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.ERROR)  # ComfyUI is chatty; what was dropped is counted below
-    from . import install, uninstall
+    from . import families, install, uninstall
+    from .diagnose import diagnose, key_map_model, print_diagnosis
     from .patching import capabilities, comfyui_version
 
-    probe = tiny_flux()
+    if family not in families.FAMILIES:
+        print("unknown model family %r; one of: %s" % (family, ", ".join(families.FAMILIES)))
+        return 2
+    import comfy.sd  # noqa: F401  (the plugin patches, or decides to stay inert, on this import)
+
+    install()
+    version = comfyui_version()
+    print("ComfyUI %s at %s" % (version, comfyui))
     if lora_path:
         lora = load_lora_file(lora_path)
-    else:
-        lora = make_lora(probe.model, "diffusers", rank=rank, alpha=rank)
-    print("ComfyUI %s at %s" % (comfyui_version(), comfyui))
-    _print_key_summary(probe.model, lora)
-    try:
-        import comfy.weight_adapter.bypass  # noqa: F401
-    except ImportError:
-        install()
-        diff = _direct_hook_vs_merged(lora)
+        print_diagnosis(os.path.basename(lora_path), family,
+                        diagnose(key_map_model(family).model, lora, capabilities()), version)
+        return 0
+    if not families.available(family):
+        print("this ComfyUI cannot build a %s model" % family)
+        return 2
+
+    def build():
+        return families.tiny_model(family)
+
+    inputs = families.tiny_inputs(family)
+    lora = families.family_lora(build().model, family, rank=rank)
+    print_diagnosis("(random, diffusers names, rank %d)" % rank, family,
+                    diagnose(build().model, lora, capabilities()), version)
+    if not capabilities().bypass_module:
+        diff = _direct_hook_vs_merged(lora, build, inputs)
         print("This ComfyUI has no bypass mode: the plugin stays inert (nothing to patch).")
         print("The plugin's hook applied directly to load_lora's output: max|hook - merged|/max = %.3e" % diff)
         ok = diff <= 1e-5
@@ -299,10 +321,10 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
         return 0 if ok else 1
 
     uninstall()
-    stock = compare([(lora, 1.0)])
+    stock = compare([(lora, 1.0)], build=build, inputs=inputs)
     install()
     caps = capabilities()
-    patched = compare([(lora, 1.0)])
+    patched = compare([(lora, 1.0)], build=build, inputs=inputs)
     print("%-8s %9s %22s %14s %16s" % ("loader", "dropped", "max|bypass-merged|/max", "LoRA effect", "weights intact"))
     for name, r in (("stock", stock), ("patched", patched)):
         print("%-8s %9d %22.3e %14.3e %16s" % (name, r["dropped"], r["rel_diff"], r["lora_effect"],
@@ -314,7 +336,7 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     return 0 if ok else 1
 
 
-def _direct_hook_vs_merged(lora) -> float:
+def _direct_hook_vs_merged(lora, build, inputs) -> float:
     """hooks.py on real load_lora output, for ComfyUI versions that have no bypass loader."""
     import comfy.lora
     import comfy.lora_convert
@@ -322,8 +344,7 @@ def _direct_hook_vs_merged(lora) -> float:
 
     from .manager import FusedBypassManager
 
-    base = tiny_flux()
-    inputs = flux_inputs()
+    base = build()
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)),
                                   comfy.lora.model_lora_keys_unet(base.model, {}))
     manager = FusedBypassManager()
@@ -345,16 +366,3 @@ def _placeholder_torchvision() -> None:
     if os.path.isdir(here):
         sys.path.insert(1, here)
         print("(no torchvision installed: using the placeholder in %s)" % here)
-
-
-def _print_key_summary(model, lora) -> None:
-    import comfy.lora
-    import comfy.lora_convert
-
-    key_map = comfy.lora.model_lora_keys_unet(model, {})
-    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
-    whole = sum(1 for k in loaded if isinstance(k, str))
-    sliced = sum(1 for k in loaded if isinstance(k, tuple) and k[1] is not None)
-    funcs = sum(1 for k in loaded if isinstance(k, tuple) and len(k) > 2)
-    print("LoRA: %d tensors -> %d patches: %d whole weights, %d fused slices, %d with a diff function"
-          % (len(lora), len(loaded), whole, sliced, funcs))

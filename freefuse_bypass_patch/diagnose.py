@@ -1,0 +1,91 @@
+"""Dry run for one LoRA file: how its keys map, what stock bypass would drop, what we apply.
+
+Works without any model file: the key map comes from a tiny model of the named family built
+by ComfyUI's own classes (Flux at its real depth of 19 + 38 blocks, so every block of a
+real Flux LoRA finds its key; other families at the tiny depth of families.py, so keys of
+deeper blocks show up as "not matched").
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Dict
+
+import torch
+
+from .hooks import lora_factors, weight_dependent
+from .keys import BypassKeyError, parse_target
+
+FLUX_DEV_DEPTH = dict(depth=19, depth_single_blocks=38)
+
+
+def key_map_model(family: str):
+    from . import families, selfcheck
+
+    if family == "flux":
+        return selfcheck.tiny_flux(**FLUX_DEV_DEPTH)
+    return families.tiny_model(family)
+
+
+def diagnose(model, lora: Dict[str, torch.Tensor], capabilities=None) -> dict:
+    """Counts for ``lora`` on ``model`` (a BaseModel); see print_diagnosis for their meaning."""
+    import comfy.lora
+    import comfy.lora_convert
+    from comfy.weight_adapter import WeightAdapterBase
+
+    from .families import key_forms
+    from .selfcheck import LogCapture
+
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    with LogCapture() as logs:
+        loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
+    adapters = {k: v for k, v in loaded.items() if isinstance(v, WeightAdapterBase)}
+    modules, grouped, merge_code, bad = set(), 0, 0, 0
+    for key, adapter in adapters.items():
+        try:
+            target = parse_target(key)
+        except BypassKeyError:
+            bad += 1
+            continue
+        modules.add(target.module_path)
+        if lora_factors(adapter) is not None and target.function is None and not weight_dependent(adapter):
+            grouped += 1
+        else:
+            merge_code += 1
+    tuple_keys = [k for k in adapters if isinstance(k, tuple)]
+    function_keys = [k for k in tuple_keys if len(k) > 2 and k[2] is not None]
+    native_offsets = bool(capabilities and capabilities.native_offsets)
+    has_bypass = bool(capabilities and capabilities.bypass_module)
+    return dict(
+        tensors=len(lora),
+        patches=len(loaded),
+        forms=key_forms(loaded),
+        not_matched=logs.count("lora key not loaded"),
+        adapter_types=collections.Counter(type(a).__name__ for a in adapters.values()),
+        regular=len(loaded) - len(adapters),
+        stock_has_bypass=has_bypass,
+        stock_drops=0 if native_offsets else len(tuple_keys),
+        stock_ignores_function=len(function_keys) if native_offsets else 0,
+        plugin_adapters=len(adapters) - bad,
+        plugin_modules=len(modules),
+        plugin_grouped=grouped,
+        plugin_merge_code=merge_code,
+    )
+
+
+def print_diagnosis(name: str, family: str, d: dict, version: str) -> None:
+    f = d["forms"]
+    print("LoRA %s on a %s key map (ComfyUI %s): %d tensors -> %d patches" % (name, family, version, d["tensors"],
+                                                                            d["patches"]))
+    print("  whole weights %d, fused slices %d, diff functions %d; tensors not matched: %d"
+          % (f["whole"], f["slice"], f["function"], d["not_matched"]))
+    print("  adapter types: %s; regular patches (diff/set, merged as stock does): %d"
+          % (", ".join("%s %d" % kv for kv in sorted(d["adapter_types"].items())) or "none", d["regular"]))
+    if not d["stock_has_bypass"]:
+        print("stock bypass: this ComfyUI has none (the plugin stays inert)")
+    elif d["stock_ignores_function"]:
+        print("stock bypass: applies the slices but ignores %d diff function(s)" % d["stock_ignores_function"])
+    else:
+        print("stock bypass: drops %d adapter(s) (every fused-slice or diff-function key)" % d["stock_drops"])
+    print("plugin: applies %d adapter(s) on %d module(s): %d grouped LoRA, %d through ComfyUI's merge code"
+          % (d["plugin_adapters"], d["plugin_modules"], d["plugin_grouped"], d["plugin_merge_code"]))

@@ -1,0 +1,45 @@
+"""The README's first command, run as a user would, on the tree under test."""
+
+import re
+
+import comfy.sd  # noqa: F401  (the plugin decides what this tree can do on this import)
+import pytest
+
+import freefuse_bypass_patch as ffbp
+from freefuse_bypass_patch import families
+from freefuse_bypass_patch import selfcheck as sc
+from support import HAS_BYPASS, TREE, run_python
+
+
+def test_check_shows_stock_vs_patched():
+    proc = run_python(["-m", "freefuse_bypass_patch", "check", "--comfyui", TREE])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if HAS_BYPASS:
+        assert "RESULT: bypass == merged" in proc.stdout
+        patched = re.search(r"^patched\s+(\d+)\s+(\S+)", proc.stdout, re.M)
+        assert patched and int(patched.group(1)) == 0 and float(patched.group(2)) <= 1e-5, proc.stdout
+    else:
+        assert "RESULT: hook == merged" in proc.stdout and "stays inert" in proc.stdout
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dry_run_of_a_lora_file(family, tmp_path):
+    if not families.available(family):
+        pytest.skip("this ComfyUI cannot build %s" % family)
+    lora = families.family_lora(families.tiny_model(family).model, family, rank=2)
+    path = sc.save_lora(lora, str(tmp_path / "my_lora.safetensors"))
+    proc = run_python(["-m", "freefuse_bypass_patch", "check", "--comfyui", TREE, "--lora", path, "--model", family])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "LoRA my_lora.safetensors on a %s key map" % family in out
+    forms = re.search(r"whole weights (\d+), fused slices (\d+), diff functions (\d+); tensors not matched: (\d+)", out)
+    assert forms, out
+    whole, sliced, funcs, unmatched = map(int, forms.groups())
+    assert sliced > 0 and unmatched == 0 and whole + sliced + funcs == len(lora) // 2
+    applied = re.search(r"plugin: applies (\d+) adapter", out)
+    assert applied and int(applied.group(1)) == len(lora) // 2
+    if HAS_BYPASS:
+        native = ffbp.capabilities().native_offsets  # the 0.14.1 fork applies slices itself
+        expected = ("applies the slices but ignores %d diff function" % funcs if native
+                    else "drops %d adapter" % (sliced + funcs))
+        assert "stock bypass: " + expected in out, out

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Tuple
 
+import torch
+
 from .hooks import AdapterSlot, check_slot
 from .keys import BypassKeyError, Target, parse_target
 from .manager import FusedBypassManager
@@ -74,6 +76,8 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
             errors.append(str(err))
             continue
         matched.add(key)
+        if not _finite(adapter):
+            log.warning("[freefuse_bypass_patch] LoRA key %r has NaN or inf factors; applied as given", key)
         if strength != 0:
             new_slots.append(slot)
     slots = earlier + tuple(new_slots)
@@ -81,6 +85,11 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
         patcher.set_attachments(SLOTS_ATTACHMENT, slots)
         patcher.set_injections(INJECTION_KEY, FusedBypassManager(slots).create_injections(root))
     return matched
+
+
+def _finite(adapter) -> bool:
+    weights = getattr(adapter, "weights", None) or ()
+    return all(bool(torch.isfinite(w).all()) for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point())
 
 
 def load_bypass_lora_for_models(model, clip, lora, strength_model, strength_clip):
@@ -115,15 +124,19 @@ def load_bypass_lora_for_models(model, clip, lora, strength_model, strength_clip
             applied.update(new_clip.add_patches(regular, strength_clip))
         applied |= bypass_into(new_clip.patcher, new_clip.cond_stage_model, adapters, strength_clip, errors)
 
-    _report(loaded, adapters, applied, errors)
+    _report(len(lora), loaded, adapters, applied, errors)
     return new_model, new_clip
 
 
-def _report(loaded, adapters, applied, errors) -> None:
+def _report(n_tensors, loaded, adapters, applied, errors) -> None:
     for err in errors:
         log.error("[freefuse_bypass_patch] %s; adapter skipped", err)
-    if loaded and not applied:
-        log.warning("[freefuse_bypass_patch] bypass LoRA: 0 of %d keys matched this model", len(loaded))
+    if not applied:
+        if n_tensors:
+            log.warning("[freefuse_bypass_patch] bypass LoRA: 0 of %d keys matched this model "
+                        "(a LoRA for another architecture?)", n_tensors)
+        else:
+            log.warning("[freefuse_bypass_patch] bypass LoRA is empty: nothing to apply")
         return
     bypassed = [k for k in adapters if k in applied]
     fused = sum(1 for k in bypassed if isinstance(k, tuple) and len(k) > 1 and k[1] is not None)

@@ -80,7 +80,42 @@ def test_lora_for_another_architecture_warns_once(caplog):
     with caplog.at_level(logging.INFO):
         patcher = comfy.sd.load_bypass_lora_for_models(base, None, foreign, 1.0, 0)[0]
     assert patcher is not base and "bypass_lora" not in patcher.injections
-    assert caplog.text.count("[freefuse_bypass_patch]") >= 1
+    ours = [r.getMessage() for r in caplog.records if "[freefuse_bypass_patch]" in r.getMessage()]
+    assert ours == ["[freefuse_bypass_patch] bypass LoRA: 0 of 2 keys matched this model "
+                    "(a LoRA for another architecture?)"]
+
+
+def test_empty_lora_says_so_and_changes_nothing(caplog):
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    with caplog.at_level(logging.INFO):
+        patcher = comfy.sd.load_bypass_lora_for_models(base, None, {}, 1.0, 0)[0]
+    assert "bypass LoRA is empty" in caplog.text
+    assert torch.equal(sc.forward(patcher, inputs), sc.forward(base, inputs))
+
+
+def test_nan_factors_warn_with_the_key(caplog):
+    base = sc.tiny_flux()
+    lora = sc.make_lora(base.model, "diffusers", rank=2, seed=13)
+    lora["transformer.transformer_blocks.1.attn.to_v.lora_A.weight"][0, 0] = float("nan")
+    with caplog.at_level(logging.INFO):
+        comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)
+    warnings = [r.getMessage() for r in caplog.records if "NaN or inf" in r.getMessage()]
+    assert len(warnings) == 1 and "double_blocks.1.img_attn.qkv" in warnings[0] and "(0, 128, 64)" in warnings[0]
+
+
+def test_slice_outside_the_weight_is_refused_with_shapes(caplog):
+    from freefuse_bypass_patch.manager import FusedBypassManager
+
+    base = sc.tiny_flux()
+    lora = sc.make_lora(base.model, "diffusers", rank=2, seed=14)
+    loaded = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(base.model, {}))
+    key = ("diffusion_model.double_blocks.0.img_attn.qkv.weight", (0, 128, 64))
+    manager = FusedBypassManager()
+    manager.add_adapter(("diffusion_model.double_blocks.0.img_attn.qkv.weight", (0, 160, 64)), loaded[key])
+    with caplog.at_level(logging.INFO):
+        assert manager.create_hooks(base.model) == []
+    assert "slice(dim=0, start=160, length=64)" in caplog.text and "(192, 64)" in caplog.text
 
 
 def test_stock_manager_used_directly_takes_tuple_keys_and_stacks():

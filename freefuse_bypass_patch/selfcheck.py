@@ -24,6 +24,7 @@ TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim
 CONVENTIONS = {
     "diffusers": ("transformer.", ".lora_B.weight", ".lora_A.weight"),
     "onetrainer": ("lora_transformer_", ".lora_up.weight", ".lora_down.weight"),
+    "lycoris": ("lycoris_", ".lora_up.weight", ".lora_down.weight"),
     "kohya": ("lora_unet_", ".lora_up.weight", ".lora_down.weight"),
 }
 

@@ -52,6 +52,11 @@ def adapter_factors(kind, rows, cols, gen, rank=4):
                 "hada_w2_b": 3 * r(rank, cols), "alpha": torch.tensor(4.0)}
     if kind == "lokr":
         return {"lokr_w1": r(4, 4), "lokr_w2": r(rows // 4, cols // 4), "alpha": torch.tensor(1.0)}
+    if kind == "glora":
+        return {"a1.weight": r(cols, rank), "a2.weight": r(rank, cols), "b1.weight": r(rows, rank),
+                "b2.weight": r(rank, cols), "alpha": torch.tensor(4.0)}
+    if kind == "boft":
+        return {"oft_blocks": r(2, rows // 16, 16, 16), "alpha": torch.tensor(1.0)}
     if kind == "oft":
         return {"oft_blocks": r(rows // 16, 16, 16) * 2, "alpha": torch.tensor(1.0)}
     raise ValueError(kind)

@@ -31,7 +31,7 @@ def _bypass(base, lora, strength):
 
 
 @pytest.mark.parametrize("convention", ["kohya", "diffusers"])
-@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr", "oft"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr", "oft", "boft", "glora"])
 def test_adapter_type_matches_merged(kind, convention):
     base = sc.tiny_flux()
     inputs = sc.flux_inputs()
@@ -75,3 +75,30 @@ def test_weight_dependent_adapter_after_a_lora_on_the_same_weights(kind):
         bypass.set_injections("bypass_lora", manager.create_injections(bypass.model))
     assert sc.max_rel_diff(merged, separately) > 10 * REL_TOL
     assert sc.max_rel_diff(sc.forward(bypass, inputs), merged) <= REL_TOL
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["locon", "locon-tucker"])
+def test_conv_locon_matches_merged(tucker):
+    """A conv LoRA (LoCon, optionally with a Tucker mid) on SD3's patch-embedding Conv2d."""
+    from freefuse_bypass_patch import families
+
+    if not families.available("sd3"):
+        pytest.skip("this ComfyUI cannot build SD3")
+    base = families.tiny_model("sd3")
+    inputs = families.tiny_inputs("sd3")
+    weight = base.model.diffusion_model.x_embedder.proj.weight
+    out_ch, in_ch, kh, kw = weight.shape
+    gen = torch.Generator().manual_seed(71)
+    name, rank = "lora_unet_x_embedder_proj", 4
+    lora = {name + ".lora_up.weight": torch.randn(out_ch, rank, 1, 1, generator=gen) * 0.3,
+            name + ".alpha": torch.tensor(2.0)}
+    if tucker:
+        lora[name + ".lora_down.weight"] = torch.randn(rank, in_ch, 1, 1, generator=gen) * 0.3
+        lora[name + ".lora_mid.weight"] = torch.randn(rank, rank, kh, kw, generator=gen) * 0.3
+    else:
+        lora[name + ".lora_down.weight"] = torch.randn(rank, in_ch, kh, kw, generator=gen) * 0.3
+    base_out = sc.forward(base, inputs)
+    merged = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, 0.8, 0)[0], inputs)
+    bypass = sc.forward(_bypass(base, lora, 0.8), inputs)
+    assert sc.max_rel_diff(merged, base_out) > 10 * REL_TOL
+    assert sc.max_rel_diff(bypass, merged) <= REL_TOL

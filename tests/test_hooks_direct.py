@@ -28,7 +28,7 @@ def _bypass_direct(base, lora, strength):
     return patcher, loaded, manager
 
 
-@pytest.mark.parametrize("convention", ["diffusers", "onetrainer", "kohya"])
+@pytest.mark.parametrize("convention", ["diffusers", "onetrainer", "lycoris", "kohya"])
 def test_manager_matches_merged(convention):
     base = sc.tiny_flux()
     inputs = sc.flux_inputs()

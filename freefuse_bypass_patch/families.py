@@ -171,11 +171,11 @@ def family_lora(model, family: str, seed: int = 0, rank: int = 4, convention: st
     """
     _, up_suffix, down_suffix = selfcheck.CONVENTIONS[convention]
     if convention == "diffusers":
-        targets = _targets(model, "transformer.")
+        targets = selfcheck.named_targets(model, "transformer.")
         if not any(isinstance(t, tuple) for _, t, _ in targets):
-            targets = _targets(model, "diffusion_model.") or targets
+            targets = selfcheck.named_targets(model, "diffusion_model.") or targets
     else:
-        targets = _targets(model, selfcheck.CONVENTIONS[convention][0])
+        targets = selfcheck.named_targets(model, selfcheck.CONVENTIONS[convention][0])
     sliced = {t[0] for _, t, _ in targets if isinstance(t, tuple) and t[1] is not None}
     gen = torch.Generator().manual_seed(seed)
     sd, seen = {}, set()
@@ -188,23 +188,6 @@ def family_lora(model, family: str, seed: int = 0, rank: int = 4, convention: st
         sd[name + down_suffix] = torch.randn(rank, cols, generator=gen) * scale
         sd[name + up_suffix] = torch.randn(rows, rank, generator=gen) * scale
     return sd
-
-
-def _targets(model, prefix: str):
-    """(lora name, key-map target, (rows, in features)) for each 2-D weight named under ``prefix``."""
-    import comfy.lora
-
-    key_map = comfy.lora.model_lora_keys_unet(model, {})
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    out = []
-    for name, target in key_map.items():
-        weight_key = target if isinstance(target, str) else target[0]
-        shape = shapes.get(weight_key)
-        if not name.startswith(prefix) or shape is None or len(shape) != 2 or not weight_key.endswith(".weight"):
-            continue
-        rows = target[1][2] if isinstance(target, tuple) and target[1] is not None else shape[0]
-        out.append((name, target, (rows, shape[1])))
-    return sorted(out, key=lambda item: item[0])
 
 
 def key_forms(loaded) -> Dict[str, int]:

@@ -140,9 +140,13 @@ def forward(patcher, inputs) -> torch.Tensor:
 
 def lora_targets(model, convention: str) -> List[Tuple[str, object, Tuple[int, int]]]:
     """(lora name, key-map target, (out rows, in features)) for every 2-D weight the convention reaches."""
+    return named_targets(model, CONVENTIONS[convention][0])
+
+
+def named_targets(model, prefix: str) -> List[Tuple[str, object, Tuple[int, int]]]:
+    """(lora name, key-map target, (out rows, in features)) for every 2-D weight named under ``prefix``."""
     import comfy.lora
 
-    prefix = CONVENTIONS[convention][0]
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     out = []
@@ -158,6 +162,27 @@ def lora_targets(model, convention: str) -> List[Tuple[str, object, Tuple[int, i
             rows = target[1][2]
         out.append((name, target, (rows, shape[1])))
     return sorted(out, key=lambda item: item[0])
+
+
+def manager_bypass(base, loras: Iterable[Tuple[Dict[str, torch.Tensor], float]]):
+    """A clone of ``base`` with the plugin's manager applied directly to load_lora's output.
+
+    No bypass loader needed, so this works on ComfyUI versions that predate bypass mode.
+    Returns (patcher, manager); the LoRAs are applied in order, as a chain would.
+    """
+    import comfy.lora
+    import comfy.lora_convert
+
+    from .manager import FusedBypassManager
+
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    manager = FusedBypassManager()
+    for lora, strength in loras:
+        for key, adapter in comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map).items():
+            manager.add_adapter(key, adapter, strength)
+    patcher = base.clone()
+    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    return patcher, manager
 
 
 def make_lora(model, convention: str, rank: int = 4, seed: int = 0, alpha: Optional[float] = None,
@@ -339,20 +364,10 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
 
 def _direct_hook_vs_merged(lora, build, inputs) -> float:
     """hooks.py on real load_lora output, for ComfyUI versions that have no bypass loader."""
-    import comfy.lora
-    import comfy.lora_convert
     import comfy.sd
 
-    from .manager import FusedBypassManager
-
     base = build()
-    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)),
-                                  comfy.lora.model_lora_keys_unet(base.model, {}))
-    manager = FusedBypassManager()
-    for key, adapter in loaded.items():
-        manager.add_adapter(key, adapter, 1.0)
-    patcher = base.clone()
-    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    patcher, _ = manager_bypass(base, [(lora, 1.0)])
     merged = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0]
     return max_rel_diff(forward(patcher, inputs), forward(merged, inputs))
 

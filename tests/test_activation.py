@@ -7,8 +7,6 @@ patcher must keep computing its own LoRA only.
 
 import os
 
-import pytest
-
 from support import REL_TOL, bypass_era, scenario
 
 pytestmark = bypass_era

@@ -10,24 +10,16 @@ import pytest
 import torch
 
 import comfy.lora
-import comfy.lora_convert
 import comfy.sd
 
 from freefuse_bypass_patch import selfcheck as sc
-from freefuse_bypass_patch.manager import FusedBypassManager
 from support import HAS_BYPASS, REL_TOL, adapter_lora as _lora
 
 
 def _bypass(base, lora, strength):
     if HAS_BYPASS:
         return comfy.sd.load_bypass_lora_for_models(base, None, lora, strength, 0)[0]
-    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
-    manager = FusedBypassManager()
-    for key, adapter in comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map).items():
-        manager.add_adapter(key, adapter, strength)
-    patcher = base.clone()
-    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
-    return patcher
+    return sc.manager_bypass(base, [(lora, strength)])[0]
 
 
 @pytest.mark.parametrize("convention", ["kohya", "diffusers"])
@@ -66,13 +58,7 @@ def test_weight_dependent_adapter_after_a_lora_on_the_same_weights(kind):
     if HAS_BYPASS:
         bypass = sc.chain(comfy.sd.load_bypass_lora_for_models, base, chain)
     else:  # 0.3.75: one manager holding both, in load order
-        key_map = comfy.lora.model_lora_keys_unet(base.model, {})
-        manager = FusedBypassManager()
-        for sd, strength in chain:
-            for key, adapter in comfy.lora.load_lora(dict(sd), key_map).items():
-                manager.add_adapter(key, adapter, strength)
-        bypass = base.clone()
-        bypass.set_injections("bypass_lora", manager.create_injections(bypass.model))
+        bypass = sc.manager_bypass(base, chain)[0]
     assert sc.max_rel_diff(merged, separately) > 10 * REL_TOL
     assert sc.max_rel_diff(sc.forward(bypass, inputs), merged) <= REL_TOL
 

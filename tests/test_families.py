@@ -18,7 +18,6 @@ import comfy.sd
 
 from freefuse_bypass_patch import families
 from freefuse_bypass_patch import selfcheck as sc
-from freefuse_bypass_patch.manager import FusedBypassManager
 from freefuse_bypass_patch.patching import comfyui_version
 from support import REL_TOL, TREE, bypass_era
 
@@ -42,12 +41,7 @@ def _loaded(base, lora):
 
 def _manager_bypass(base, lora, strength):
     """The plugin's manager applied directly (no bypass loader needed, so 0.3.75 too)."""
-    manager = FusedBypassManager()
-    for key, adapter in _loaded(base, lora).items():
-        manager.add_adapter(key, adapter, strength)
-    patcher = base.clone()
-    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
-    return patcher
+    return sc.manager_bypass(base, [(lora, strength)])[0]
 
 
 def _check(family, make_bypass):

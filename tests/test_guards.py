@@ -7,8 +7,8 @@ import comfy.sd
 import pytest
 
 import freefuse_bypass_patch as ffbp
-from freefuse_bypass_patch import patching, selfcheck as sc
-from support import REL_TOL, bypass_era
+from freefuse_bypass_patch import patching
+from support import bypass_era
 
 pytestmark = bypass_era
 

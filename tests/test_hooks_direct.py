@@ -8,23 +8,16 @@ import pytest
 import torch
 
 import comfy.lora
-import comfy.lora_convert
 import comfy.sd
 
 from freefuse_bypass_patch import selfcheck as sc
 from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
-from freefuse_bypass_patch.manager import FusedBypassManager
 from support import REL_TOL
 
 
 def _bypass_direct(base, lora, strength):
-    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
-    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
-    manager = FusedBypassManager()
-    for key, adapter in loaded.items():
-        manager.add_adapter(key, adapter, strength)
-    patcher = base.clone()
-    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    patcher, manager = sc.manager_bypass(base, [(lora, strength)])
+    loaded = comfy.lora.load_lora(dict(lora), comfy.lora.model_lora_keys_unet(base.model, {}))
     return patcher, loaded, manager
 
 
@@ -85,11 +78,5 @@ def test_two_loras_on_one_module_add_up():
     a = sc.make_lora(base.model, "diffusers", rank=4, seed=7, only="slices")
     b = sc.make_lora(base.model, "diffusers", rank=2, seed=8, only="slices")
     merged = sc.chain(comfy.sd.load_lora_for_models, base, [(a, 1.0), (b, -0.5)])
-    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
-    manager = FusedBypassManager()
-    for sd, s in ((a, 1.0), (b, -0.5)):
-        for key, adapter in comfy.lora.load_lora(dict(sd), key_map).items():
-            manager.add_adapter(key, adapter, s)
-    patcher = base.clone()
-    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
+    patcher, _ = sc.manager_bypass(base, [(a, 1.0), (b, -0.5)])
     assert sc.max_rel_diff(sc.forward(patcher, inputs), sc.forward(merged, inputs)) <= REL_TOL

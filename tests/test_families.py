@@ -19,6 +19,7 @@ import comfy.sd
 from freefuse_bypass_patch import families
 from freefuse_bypass_patch import selfcheck as sc
 from freefuse_bypass_patch.patching import comfyui_version
+import support
 from support import REL_TOL, TREE, bypass_era
 
 VERSION = comfyui_version()
@@ -83,3 +84,64 @@ def test_stock_bypass_loader_matches_merged(family):
 
 def test_manager_matches_merged(family):
     _check(family, _manager_bypass)
+
+
+KINDS = ("dora", "loha", "lokr", "oft", "boft", "glora")
+
+
+def _fits(kind, rows, cols):
+    if kind == "lokr":
+        return rows % 4 == 0 and cols % 4 == 0
+    if kind in ("oft", "boft"):
+        return rows % 16 == 0
+    return True
+
+
+def _family_adapter_lora(model, kind, seed, limit=16):
+    """``kind`` adapters on up to ``limit`` targets, the family's fused slices first, then whole
+    weights (diffusers-style names). Returns (state dict, number of targets)."""
+    from support import adapter_factors
+
+    targets = sc.named_targets(model, "transformer.")
+    if not any(isinstance(t, tuple) for _, t, _ in targets):
+        targets = sc.named_targets(model, "diffusion_model.")
+    targets = sorted(targets, key=lambda item: not (isinstance(item[1], tuple) and item[1][1] is not None))
+    gen = torch.Generator().manual_seed(seed)
+    sd, seen = {}, set()
+    for name, target, (rows, cols) in targets:
+        if target in seen or not _fits(kind, rows, cols) or len(seen) == limit:
+            continue
+        seen.add(target)
+        for suffix, tensor in adapter_factors(kind, rows, cols, gen).items():
+            sd["%s.%s" % (name, suffix)] = tensor
+    return sd, len(seen)
+
+
+# Strengths that keep every family's output in a sane range (a LoRA that triples the
+# output amplifies fp32 rounding through softmax and norms); OFT/BOFT rotate, so full.
+KIND_STRENGTH = {"oft": 1.0, "boft": 1.0}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_family_adapter_types_match_merged(family, kind):
+    """Family x adapter type: every type on the family's fused slices and whole weights."""
+    base = families.tiny_model(family)
+    inputs = families.tiny_inputs(family)
+    lora, targets = _family_adapter_lora(base.model, kind, seed=81)
+    loaded = _loaded(base, lora)
+    assert len(loaded) == targets
+    if family in families.SLICED:
+        assert families.key_forms(loaded)["slice"] > 0
+    base_out = sc.forward(base, inputs)
+    strength = KIND_STRENGTH.get(kind, 0.3)
+    merged_out = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, strength, 0)[0], inputs)
+    if support.HAS_BYPASS:
+        bypass = comfy.sd.load_bypass_lora_for_models(base, None, lora, strength, 0)[0]
+    else:
+        bypass = _manager_bypass(base, lora, strength)
+    bypass_out = sc.forward(bypass, inputs)
+    effect = sc.max_rel_diff(merged_out, base_out)
+    rel = sc.max_rel_diff(bypass_out, merged_out)
+    print("MATRIX %s %s %s effect %.2e max|bypass-merged|/max %.3e" % (VERSION, family, kind, effect, rel))
+    assert effect > 10 * REL_TOL
+    assert rel <= REL_TOL, "%s/%s on ComfyUI %s: max|bypass - merged|/max = %.3e" % (family, kind, VERSION, rel)

@@ -71,6 +71,10 @@ def test_bad_key_is_skipped_rest_still_loads(caplog):
     without_bad = {k: v for k, v in good.items() if not k.startswith("transformer.transformer_blocks.0.attn.to_k.")}
     merged = comfy.sd.load_lora_for_models(base, None, without_bad, 1.0, 0)[0]
     assert sc.max_rel_diff(sc.forward(patcher, inputs), sc.forward(merged, inputs)) <= REL_TOL
+    # the model is as it was, and the next load works in full
+    after = comfy.sd.load_bypass_lora_for_models(base, None, good, 1.0, 0)[0]
+    merged_good = comfy.sd.load_lora_for_models(base, None, good, 1.0, 0)[0]
+    assert sc.max_rel_diff(sc.forward(after, inputs), sc.forward(merged_good, inputs)) <= REL_TOL
 
 
 def test_lora_for_another_architecture_warns_once(caplog):

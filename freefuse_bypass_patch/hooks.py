@@ -18,7 +18,7 @@ owns all of its adapters:
   exactly what the merged path computes, without writing to the weight.
 * trainable adapters (``nn.Module``, from ComfyUI's trainer) keep their own ``h``/``g``.
 
-Factors are cast once per (device, dtype) and cached on the hook.
+Factors are cast once per (device, dtype) and cached on the hook while it is attached.
 """
 
 from __future__ import annotations
@@ -209,10 +209,14 @@ class FusedBypassHook:
         self.module.__dict__[ACTIVE_HOOK_ATTR] = self
 
     def detach(self) -> None:
+        """Remove the hook and drop the cast factors: an unloaded model keeps no device memory."""
         if self._handle is None:
             return
         self._handle.remove()
         self._handle = None
+        self._grouped_cache.clear()
+        self._dense_cache.clear()
+        self._dense_fp32 = None
         if self.module.__dict__.get(ACTIVE_HOOK_ATTR) is self:
             del self.module.__dict__[ACTIVE_HOOK_ATTR]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import comfy.lora
+import comfy.model_management as mm
 import comfy.sd
 
 from freefuse_bypass_patch import selfcheck as sc
@@ -67,9 +68,18 @@ def test_both_up_projection_layouts_match_merged(layout, monkeypatch):
     lora = sc.make_lora(base.model, "diffusers", rank=3, seed=12, alpha=1.5)
     merged = comfy.sd.load_lora_for_models(base, None, lora, 1.3, 0)[0]
     patcher, _, manager = _bypass_direct(base, lora, 1.3)
-    assert sc.max_rel_diff(sc.forward(patcher, inputs), sc.forward(merged, inputs)) <= REL_TOL
-    prepared = [p for h in manager.hooks for p in h._grouped_cache.values()]
-    assert prepared and all((p.up_full_t is not None) == (layout == "block") or not p.plan for p in prepared)
+    mm.load_models_gpu([patcher])
+    try:
+        with torch.no_grad():
+            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+            out = patcher.model.apply_model(inputs["x"], inputs["t"], **rest).clone()
+        fused = [p for h in manager.hooks if len({s.target.offset for s in h.grouped}) > 1
+                 for p in h._grouped_cache.values()]  # qkv and linear1: several slices
+    finally:
+        mm.unload_all_models()
+    assert sc.max_rel_diff(out, sc.forward(merged, inputs)) <= REL_TOL
+    assert fused and all((p.up_full_t is not None) == (layout == "block") for p in fused)
+    assert not any(h._grouped_cache for h in manager.hooks)  # cast factors dropped on eject
 
 
 def test_two_loras_on_one_module_add_up():

@@ -268,7 +268,7 @@ class FusedBypassHook:
         if self._dense_fp32 is None:
             import comfy.lora  # the real merge code is the reference for these adapter types
 
-            w32 = self.module.weight.detach().to(torch.float32)
+            w32 = float_weight(self.module.weight)
             deltas = []
             for group in self.dense_groups:
                 patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in group]
@@ -307,6 +307,16 @@ class FusedBypassHook:
             out.narrow(-1, slot.target.offset[1], slot.target.offset[2]).add_(h)
             return out
         return adapter.g(out + h)
+
+
+def float_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as fp32 values: fp8 is upcast, quantized tensor types (ComfyUI's
+    QuantizedTensor, GGUF's) are dequantized with their own ``dequantize()``."""
+    w = weight.detach()
+    dequantize = getattr(w, "dequantize", None)
+    if type(w) not in (torch.Tensor, torch.nn.Parameter) and callable(dequantize):
+        w = dequantize()
+    return w.to(torch.float32)
 
 
 def _conv(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""fp8 weights (as ComfyUI loads fp8 checkpoints: float8_e4m3fn storage, fp32 compute):
-the adapter math must not run in the storage dtype. Reference: an fp32 model holding the
-dequantised weights, with the LoRA merged in fp32."""
+"""Non-float weight storage: plain fp8 (float8_e4m3fn, as ComfyUI loads fp8 checkpoints) and
+ComfyUI's QuantizedTensor (scaled fp8, int8): the adapter math must not run in the storage
+dtype. Reference: an fp32 model holding the dequantised weights, with the LoRA merged in fp32."""
+
+import logging
 
 import pytest
 import torch
@@ -34,3 +36,72 @@ def test_fp8_weights_match_fp32_reference(kind):
     after = sc.weights_snapshot(fp8)
     assert all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8))
                if before[k].dtype == torch.float8_e4m3fn else torch.equal(before[k], after[k]) for k in before)
+
+
+def _quantized_flux(fmt):
+    """A tiny Flux whose attention/MLP weights ComfyUI holds as QuantizedTensor (``fmt``),
+    loaded through ComfyUI's mixed-precision ops from a state dict with ``comfy_quant``
+    metadata, and an fp32 reference holding ComfyUI's own dequantisation of those weights."""
+    import json
+
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from freefuse_bypass_patch.hooks import float_weight
+
+    reference = sc.tiny_flux()
+    state = {}
+    for key, value in reference.model.diffusion_model.state_dict().items():
+        state[key] = value
+        if value.dim() == 2 and any(n in key for n in ("qkv", "linear1", "proj", "mlp")):
+            prefix = key[: -len("weight")]
+            if fmt == "int8_tensorwise":
+                scale = value.abs().max() / 127
+                state[key] = (value / scale).round().clamp(-127, 127).to(torch.int8)
+            else:
+                scale = value.abs().max() / 448
+                state[key] = (value / scale).to(torch.float8_e4m3fn)
+            state[prefix + "weight_scale"] = scale.reshape(()).float()
+            conf = {"format": fmt, "full_precision_matrix_mult": True}
+            state[prefix + "comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    config = comfy.supported_models.Flux(dict(reference.model.model_config.unet_config))
+    config.quant_config = {"mixed_ops": True}
+    config.set_inference_dtype(torch.float32, torch.float32)
+    model = config.get_model({}, device=torch.device("cpu"))
+    model.load_model_weights(state, "")
+    quantized = {name + ".weight": float_weight(m.weight) for name, m in model.diffusion_model.named_modules()
+                 if type(getattr(m, "weight", None)).__name__ == "QuantizedTensor"}
+    assert len(quantized) > 10, "ComfyUI did not load quantized weights"
+    with torch.no_grad():
+        reference.model.diffusion_model.load_state_dict(quantized, strict=False)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), reference
+
+
+def _quant_formats():
+    import comfy.quant_ops
+
+    return [f for f in ("float8_e4m3fn", "int8_tensorwise") if f in getattr(comfy.quant_ops, "QUANT_ALGOS", {})]
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "int8_tensorwise"])
+def test_quantized_tensor_weights(fmt, caplog):
+    """Weights held as ComfyUI QuantizedTensor: plain LoRA never reads them; DoRA's merge-code
+    delta dequantises them first (a QuantizedTensor's .to(float32) stays quantized)."""
+    if fmt not in _quant_formats():
+        pytest.skip("this ComfyUI has no %s QuantizedTensor storage" % fmt)
+    quantized, reference = _quantized_flux(fmt)
+    inputs = sc.flux_inputs()
+    base_error = sc.max_rel_diff(sc.forward(quantized, inputs), sc.forward(reference, inputs))
+    for lora in (sc.make_lora(reference.model, "diffusers", rank=4, seed=33, alpha=4),
+                 adapter_lora(reference.model, "dora", "kohya", seed=34, limit=12)):
+        expected = sc.forward(comfy.sd.load_lora_for_models(reference, None, lora, 1.0, 0)[0], inputs)
+        comfy_merged = sc.forward(comfy.sd.load_lora_for_models(quantized, None, lora, 1.0, 0)[0], inputs)
+        with caplog.at_level(logging.ERROR):
+            got = sc.forward(comfy.sd.load_bypass_lora_for_models(quantized, None, lora, 1.0, 0)[0], inputs)
+        assert "Cannot copy" not in caplog.text
+        error = sc.max_rel_diff(got, expected)
+        if base_error <= 1e-6:  # the tree computes this format exactly (fp8 with full-precision mm)
+            assert error <= REL_TOL, (fmt, error)
+        else:  # the tree's own quantized matmul rounds: bypass must still beat merging into it
+            assert error < sc.max_rel_diff(comfy_merged, expected), (fmt, error, base_error)

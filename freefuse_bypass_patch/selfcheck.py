@@ -26,6 +26,7 @@ CONVENTIONS = {
     "onetrainer": ("lora_transformer_", ".lora_up.weight", ".lora_down.weight"),
     "lycoris": ("lycoris_", ".lora_up.weight", ".lora_down.weight"),
     "kohya": ("lora_unet_", ".lora_up.weight", ".lora_down.weight"),
+    "native": ("diffusion_model.", ".lora_up.weight", ".lora_down.weight"),
 }
 
 

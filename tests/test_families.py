@@ -45,10 +45,10 @@ def _manager_bypass(base, lora, strength):
     return sc.manager_bypass(base, [(lora, strength)])[0]
 
 
-def _check(family, make_bypass):
-    base = families.tiny_model(family)
+def _check(family, make_bypass, base=None, lora=None):
+    base = families.tiny_model(family) if base is None else base
     inputs = families.tiny_inputs(family)
-    lora = families.family_lora(base.model, family)
+    lora = families.family_lora(base.model, family) if lora is None else lora
     before = sc.weights_snapshot(base)
     base_out = sc.forward(base, inputs)
     merged_out = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, STRENGTH, 0)[0], inputs)
@@ -84,6 +84,23 @@ def test_stock_bypass_loader_matches_merged(family):
 
 def test_manager_matches_merged(family):
     _check(family, _manager_bypass)
+
+
+@pytest.mark.parametrize("convention", ["onetrainer", "lycoris", "kohya", "native"])
+def test_family_naming_conventions_match_merged(family, convention):
+    """Every naming convention this tree's key map has for the family (skipped where it has none)."""
+    base = families.tiny_model(family)
+    if not sc.named_targets(base.model, sc.CONVENTIONS[convention][0]):
+        pytest.skip("ComfyUI %s maps no %s names for %s" % (VERSION, convention, family))
+    lora = families.family_lora(base.model, family, convention=convention, seed=91)
+    assert len(_loaded(base, lora)) * 2 == len(lora)
+
+    def bypass(base, lora, strength):
+        if support.HAS_BYPASS:
+            return comfy.sd.load_bypass_lora_for_models(base, None, lora, strength, 0)[0]
+        return _manager_bypass(base, lora, strength)
+
+    _check(family, bypass, base=base, lora=lora)
 
 
 KINDS = ("dora", "loha", "lokr", "oft", "boft", "glora")

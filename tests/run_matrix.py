@@ -65,7 +65,7 @@ def find_trees():
 
 def run_tree(tree, pytest_args):
     env = dict(os.environ, COMFYUI_PATH=tree, PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", HERE, "-p", "no:cacheprovider", "-q", "-rs"] + pytest_args
+    cmd = [sys.executable, "-m", "pytest", HERE, "-p", "no:cacheprovider", "-q", "-rfEs"] + pytest_args
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-20000:])

@@ -194,10 +194,6 @@ class FusedBypassHook:
         self._handle = None
 
     # -- lifecycle -------------------------------------------------------------------
-    @property
-    def attached(self) -> bool:
-        return self._handle is not None
-
     def attach(self) -> None:
         """Register the forward hook; a hook of another patcher on this module is detached first."""
         if self._handle is not None:

@@ -164,3 +164,23 @@ def test_alternating_clones_each_give_their_own_result():
     for _ in range(2):
         assert sc.max_rel_diff(sc.forward(pa, inputs), ma) <= REL_TOL
         assert sc.max_rel_diff(sc.forward(pb, inputs), mb) <= REL_TOL
+
+
+def test_adapters_the_fork_put_on_a_patcher_are_carried_over():
+    """0.14.1 fork: a bypass LoRA loaded by the fork's own loader (before the plugin was
+    installed) stays active when the plugin's loader chains a second one onto it."""
+    if not ffbp.capabilities().native_chaining:
+        pytest.skip("this ComfyUI's loader keeps no shared manager on the patcher")
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    a = sc.make_lora(base.model, "kohya", rank=4, seed=15)  # plain keys: the fork applies these right
+    b = sc.make_lora(base.model, "diffusers", rank=4, seed=16)
+    ffbp.uninstall()
+    try:
+        first = comfy.sd.load_bypass_lora_for_models(base, None, a, 0.7, 0)[0]
+        assert first.get_attachment("bypass_lora_manager") is not None
+    finally:
+        ffbp.install()
+    second = comfy.sd.load_bypass_lora_for_models(first, None, b, 1.0, 0)[0]
+    merged = sc.chain(comfy.sd.load_lora_for_models, base, [(a, 0.7), (b, 1.0)])
+    assert sc.max_rel_diff(sc.forward(second, inputs), sc.forward(merged, inputs)) <= REL_TOL

@@ -169,25 +169,13 @@ def family_lora(model, family: str, seed: int = 0, rank: int = 4, convention: st
     else "diffusion_model." (ComfyUI 0.3.75 maps Lumina2's diffusers names only there).
     ``family`` is unused beyond documentation: everything comes from the model's key map.
     """
-    _, up_suffix, down_suffix = selfcheck.CONVENTIONS[convention]
     if convention == "diffusers":
         targets = selfcheck.named_targets(model, "transformer.")
         if not any(isinstance(t, tuple) for _, t, _ in targets):
             targets = selfcheck.named_targets(model, "diffusion_model.") or targets
     else:
         targets = selfcheck.named_targets(model, selfcheck.CONVENTIONS[convention][0])
-    sliced = {t[0] for _, t, _ in targets if isinstance(t, tuple) and t[1] is not None}
-    gen = torch.Generator().manual_seed(seed)
-    sd, seen = {}, set()
-    for name, target, (rows, cols) in targets:
-        weight_key = target if isinstance(target, str) else target[0]
-        fused = isinstance(target, tuple) and target[1] is not None
-        if (not fused and weight_key in sliced) or target in seen:
-            continue
-        seen.add(target)
-        sd[name + down_suffix] = torch.randn(rank, cols, generator=gen) * scale
-        sd[name + up_suffix] = torch.randn(rows, rank, generator=gen) * scale
-    return sd
+    return selfcheck.random_lora(targets, convention, rank, seed, scale, one_name_per_target=True)
 
 
 def key_forms(loaded) -> Dict[str, int]:

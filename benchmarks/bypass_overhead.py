@@ -1,13 +1,18 @@
 """Bypass LoRA overhead, measured side by side in one process on a Flux built by ComfyUI.
 
-    python benchmarks/bypass_overhead.py --comfyui PATH [--config small|dev|dev512] [--rounds N]
+    python benchmarks/bypass_overhead.py [--comfyui PATH] [--config small|dev|dev512] [--rounds N]
 
 Modes: base; merged LoRA (the reference); ComfyUI's stock bypass with a kohya LoRA (one
 hook per module, the one stock case that works); this plugin with 1, 2 and 3 chained
 diffusers LoRAs; and a naive per-adapter hook (zeros_like(output) per adapter, then a
 slice add, as FreeFuse's private loader does) with 1 and 3 LoRAs. Prints the median ms per
-diffusion-model forward, the ratio to merged, the extra peak memory per forward (CUDA),
-and the time to attach a LoRA (loader call + ComfyUI load) for merged vs bypass.
+diffusion-model forward, its spread, the ratio to merged, the extra peak memory per forward
+(CUDA), and the time to attach a LoRA (loader call + ComfyUI load) for merged vs bypass.
+
+It also prints the memory-traffic floor of any bypass done by a forward hook: the hook
+sees the finished output, so it must read and write every hooked output once more and
+read every hooked input once. Those bytes, at the bandwidth measured here with an in-place
+add, are a lower bound on the hook's cost that no grouping or kernel choice can remove.
 
 Configs: ``small`` is the CPU target (fp32, one thread); ``dev`` is the Flux.1-dev
 architecture at 1024x1024 (4096 image + 512 text tokens, bf16, rank 32) and ``dev512`` at
@@ -79,7 +84,7 @@ class NaiveHooks:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    parser.add_argument("--comfyui", help="ComfyUI tree (default: as for `python -m freefuse_bypass_patch check`)")
     parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
     parser.add_argument("--rounds", type=int, default=8, help="passes over all modes, in a shuffled order each")
     parser.add_argument("--iters", type=int, default=2, help="timed forwards per mode and pass")
@@ -89,6 +94,8 @@ def main():
                         help="LoRA targets: attention+MLP linears (default) or every layer the key map reaches")
     parser.add_argument("--layout", choices=["auto", "block", "sliced"], default="auto",
                         help="plugin's up-projection layout (see hooks._Grouped)")
+    parser.add_argument("--modes", help="comma-separated substrings: time only the modes that contain one "
+                        "(merged with 1 LoRA, the reference, always runs), e.g. 'plugin,stock'")
     parser.add_argument("--profile", action="store_true",
                         help="also print the top kernels of one forward of merged, stock bypass and plugin")
     args = parser.parse_args()
@@ -97,7 +104,7 @@ def main():
 
     from freefuse_bypass_patch import selfcheck as sc
 
-    sc.use_comfyui(args.comfyui, cpu=device.type == "cpu")
+    sc.use_comfyui(args.comfyui or sc.default_comfyui(), cpu=device.type == "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     import comfy.lora
@@ -168,6 +175,10 @@ def main():
     modes["plugin, 3 LoRAs"], _ = attach(lambda: sc.chain(bypass, base, [(l, 1.0) for l in loras]))
     modes["naive hook, 1 LoRA"], _ = attach(lambda: naive(1))
     modes["naive hook, 3 LoRAs"], _ = attach(lambda: naive(3))
+    floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], inputs, mm)
+    if args.modes:
+        wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
+        modes = {k: v for k, v in modes.items() if k == "merged, 1 LoRA" or any(w in k for w in wanted)}
 
     times = {name: [] for name in modes}
     peaks = {name: [] for name in modes}
@@ -196,17 +207,69 @@ def main():
                 mm.unload_all_models()
 
     ref = statistics.median(times["merged, 1 LoRA"])
-    base_peak = max(peaks["base"]) if peaks["base"] else 0
-    print("\n%-22s %10s %10s %16s" % ("mode", "median ms", "x merged", "extra peak MiB"))
+    base_peak = max(peaks["base"]) if peaks.get("base") else 0
+    print("\n%-22s %10s %9s %10s %16s" % ("mode", "median ms", "IQR %", "x merged", "extra peak MiB"))
     for name in modes:
         med = statistics.median(times[name])
+        q1, _, q3 = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else (med, med, med)
         extra = "%.1f" % ((max(peaks[name]) - base_peak) / 2**20) if peaks[name] else "n/a (cpu)"
-        print("%-22s %10.2f %10.3f %16s" % (name, med * 1e3, med / ref, extra))
-    naive3, plugin3 = statistics.median(times["naive hook, 3 LoRAs"]), statistics.median(times["plugin, 3 LoRAs"])
-    print("\nnaive hook / plugin with 3 LoRAs: %.2fx" % (naive3 / plugin3))
+        print("%-22s %10.2f %9.1f %10.3f %16s" % (name, med * 1e3, 100 * (q3 - q1) / med, med / ref, extra))
+    if "naive hook, 3 LoRAs" in times and "plugin, 3 LoRAs" in times:
+        naive3, plugin3 = statistics.median(times["naive hook, 3 LoRAs"]), statistics.median(times["plugin, 3 LoRAs"])
+        print("\nnaive hook / plugin with 3 LoRAs: %.2fx" % (naive3 / plugin3))
+    bandwidth = measured_bandwidth(device, dtype)
+    floor = floor_bytes / bandwidth
+    print("forward-hook traffic floor (1 LoRA): %.2f GB per forward (hooked outputs read + written, inputs read)"
+          " at %.0f GB/s measured (in-place add) = %.2f ms = %.3f x merged at best"
+          % (floor_bytes / 1e9, bandwidth / 1e9, floor * 1e3, 1 + floor / ref))
     if args.profile:
-        _profile({k: modes[k] for k in ("merged, 1 LoRA", "stock bypass, kohya", "plugin, 1 LoRA")}, x, t, rest, mm)
+        _profile({k: modes[k] for k in ("merged, 1 LoRA", "stock bypass, kohya", "plugin, 1 LoRA") if k in modes},
+                 x, t, rest, mm)
     print("attach one LoRA (loader + ComfyUI load): " + ", ".join("%s %.0f ms" % (k, v * 1e3) for k, v in attach_times.items()))
+
+
+def hook_traffic(patcher, inputs, mm):
+    """Bytes a forward hook must move beyond the base forward, for the modules the plugin hooks.
+
+    Each hooked output is read and written once more (the in-place add of the adapters)
+    and each hooked input is read once more (the down-projection): one forward, counted.
+    """
+    from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
+
+    total = [0]
+
+    def count(module, args, out):
+        total[0] += 2 * out.numel() * out.element_size() + args[0].numel() * args[0].element_size()
+
+    mm.load_models_gpu([patcher])
+    model = patcher.model.diffusion_model
+    handles = [m.register_forward_hook(count) for m in model.modules() if ACTIVE_HOOK_ATTR in m.__dict__]
+    try:
+        with torch.inference_mode():
+            patcher.model.apply_model(inputs["x"], inputs["t"], **{k: v for k, v in inputs.items() if k not in ("x", "t")})
+    finally:
+        for h in handles:
+            h.remove()
+        mm.unload_all_models()
+    return total[0]
+
+
+def measured_bandwidth(device, dtype, nbytes=1 << 30):
+    """Bytes per second of an in-place add (read + write) over a buffer larger than the caches."""
+    if device.type == "cpu":
+        nbytes = 1 << 28
+    buf = torch.zeros(nbytes // torch.empty((), dtype=dtype).element_size(), device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        buf.add_(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del buf
+    return 2 * nbytes / best
 
 
 def _profile(modes, x, t, rest, mm):

@@ -37,6 +37,7 @@ def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
     it is first imported and writes its user folders under the working directory, so for
     it the command line is cleared and the process moves to a temporary directory.
     """
+    _placeholder_torchvision()
     if path:
         path = os.path.abspath(path)
         if path not in sys.path:
@@ -304,7 +305,6 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     if comfyui is None:
         print("no ComfyUI found: pass --comfyui PATH (or set COMFYUI_PATH)")
         return 2
-    _placeholder_torchvision()
     use_comfyui(comfyui)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:

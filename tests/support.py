@@ -12,6 +12,7 @@ import torch
 from freefuse_bypass_patch import selfcheck
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 TREE = os.environ.get("COMFYUI_PATH", "")
 HAS_BYPASS = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None
 

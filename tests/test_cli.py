@@ -1,5 +1,6 @@
 """The README's first command, run as a user would, on the tree under test."""
 
+import os
 import re
 
 import comfy.sd  # noqa: F401  (the plugin decides what this tree can do on this import)
@@ -8,7 +9,7 @@ import pytest
 import freefuse_bypass_patch as ffbp
 from freefuse_bypass_patch import families
 from freefuse_bypass_patch import selfcheck as sc
-from support import HAS_BYPASS, TREE, run_python
+from support import HAS_BYPASS, ROOT, TREE, run_python
 
 
 def test_check_shows_stock_vs_patched():
@@ -43,3 +44,20 @@ def test_dry_run_of_a_lora_file(family, tmp_path):
         expected = ("applies the slices but ignores %d diff function" % funcs if native
                     else "drops %d adapter" % (sliced + funcs))
         assert "stock bypass: " + expected in out, out
+
+
+def test_benchmark_runs_as_documented():
+    """The README's benchmark command runs on a bare environment (no torchvision on the path)
+    and prints its table and the forward-hook traffic floor. One short round: no timing is asserted."""
+    if not HAS_BYPASS:
+        pytest.skip("the benchmark compares bypass modes; this ComfyUI has none")
+    script = os.path.join(ROOT, "benchmarks", "bypass_overhead.py")
+    proc = run_python([script, "--comfyui", TREE, "--rounds", "1", "--iters", "1", "--modes", "plugin,naive"],
+                      env={"PYTHONPATH": ""})
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    for mode in ("merged, 1 LoRA", "plugin, 1 LoRA", "plugin, 3 LoRAs", "naive hook, 3 LoRAs"):
+        assert re.search(r"^%s\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+" % re.escape(mode), out, re.M), out
+    assert "stock bypass, kohya" not in out.split("mode", 1)[1].split("naive hook /")[0]  # --modes filtered it out
+    floor = re.search(r"traffic floor \(1 LoRA\): (\d+\.\d+) GB per forward", out)
+    assert floor and float(floor.group(1)) > 0, out

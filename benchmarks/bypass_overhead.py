@@ -175,15 +175,15 @@ def main():
     modes["plugin, 3 LoRAs"], _ = attach(lambda: sc.chain(bypass, base, [(l, 1.0) for l in loras]))
     modes["naive hook, 1 LoRA"], _ = attach(lambda: naive(1))
     modes["naive hook, 3 LoRAs"], _ = attach(lambda: naive(3))
-    floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], inputs, mm)
+    x, t = inputs["x"], inputs["t"]
+    rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+    floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], x, t, rest, mm)
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         modes = {k: v for k, v in modes.items() if k == "merged, 1 LoRA" or any(w in k for w in wanted)}
 
     times = {name: [] for name in modes}
     peaks = {name: [] for name in modes}
-    x, t = inputs["x"], inputs["t"]
-    rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
     with torch.inference_mode():
         order = list(modes)
         rng = random.Random(0)
@@ -228,7 +228,7 @@ def main():
     print("attach one LoRA (loader + ComfyUI load): " + ", ".join("%s %.0f ms" % (k, v * 1e3) for k, v in attach_times.items()))
 
 
-def hook_traffic(patcher, inputs, mm):
+def hook_traffic(patcher, x, t, rest, mm):
     """Bytes a forward hook must move beyond the base forward, for the modules the plugin hooks.
 
     Each hooked output is read and written once more (the in-place add of the adapters)
@@ -246,7 +246,7 @@ def hook_traffic(patcher, inputs, mm):
     handles = [m.register_forward_hook(count) for m in model.modules() if ACTIVE_HOOK_ATTR in m.__dict__]
     try:
         with torch.inference_mode():
-            patcher.model.apply_model(inputs["x"], inputs["t"], **{k: v for k, v in inputs.items() if k not in ("x", "t")})
+            patcher.model.apply_model(x, t, **rest)
     finally:
         for h in handles:
             h.remove()

@@ -120,22 +120,12 @@ def tiny_model(family: str, seed: int = 0):
     """A ModelPatcher around a random ``family`` model (CPU, fp32, 0.3M to 1.7M parameters)."""
     if family == "flux":
         return selfcheck.tiny_flux(seed)
-    import comfy.model_patcher
     import comfy.supported_models
 
     class_name, _ = _CONFIGS[family]
     model_config = getattr(comfy.supported_models, class_name)(_config(family))
     model_config.set_inference_dtype(torch.float32, None)
-    device = torch.device("cpu")
-    model = model_config.get_model({}, device=device)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # ComfyUI's ops skip init: weights (and SD3's pos_embed buffer) are uninitialised
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        for name, b in model.diffusion_model.named_buffers():
-            if name.endswith("pos_embed"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    return selfcheck.random_patcher(model_config, seed)
 
 
 def tiny_inputs(family: str, seed: int = 1, image: int = 8, tokens: int = 5) -> dict:

@@ -71,7 +71,6 @@ def tiny_flux(seed: int = 0, device=None, dtype=None, manual_cast=None, **overri
     weights to at forward time (as it does for fp8 checkpoints).
     """
     import comfy.ldm.flux.model as flux_model
-    import comfy.model_patcher
     import comfy.supported_models
 
     config = dict(TINY_FLUX, **overrides)
@@ -81,18 +80,39 @@ def tiny_flux(seed: int = 0, device=None, dtype=None, manual_cast=None, **overri
     model_config = comfy.supported_models.Flux(config)
     if dtype is not None:
         model_config.set_inference_dtype(dtype, manual_cast)
+    return random_patcher(model_config, seed, device)
+
+
+def random_patcher(model_config, seed: int = 0, device=None):
+    """``model_config``'s model built on ``device``, filled by ``randomize_``, in a ModelPatcher."""
+    import comfy.model_patcher
+
     device = torch.device(device or "cpu")
     model = model_config.get_model({}, device=device)
-    with torch.no_grad():  # ComfyUI's ops skip init: weights would be uninitialised memory
+    randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter (and SD3's ``pos_embed`` buffer) with N(0, 0.05), in place.
+
+    ComfyUI's ops skip weight init, so a model built without a checkpoint would hold
+    uninitialised memory. On the CPU the values come from one seeded generator in
+    parameter order; on a GPU from a generator on that device.
+    """
+    tensors = list(module.parameters()) + [b for n, b in module.named_buffers() if n.endswith("pos_embed")]
+    if not tensors:
+        return
+    device = tensors[0].device
+    with torch.no_grad():
         if device.type == "cpu":
             gen = torch.Generator().manual_seed(seed)
-            for p in model.diffusion_model.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            for t in tensors:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
         else:
             gen = torch.Generator(device=device).manual_seed(seed)
-            for p in model.diffusion_model.parameters():
-                p.normal_(0.0, 0.05, generator=gen)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+            for t in tensors:
+                t.normal_(0.0, 0.05, generator=gen)
 
 
 def flux_inputs(seed: int = 1, image: int = 8, tokens: int = 5, batch: int = 1, config=None,
@@ -334,9 +354,9 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
         return families.tiny_model(family)
 
     inputs = families.tiny_inputs(family)
-    lora = families.family_lora(build().model, family, rank=rank)
-    print_diagnosis("(random, diffusers names, rank %d)" % rank, family,
-                    diagnose(build().model, lora, capabilities()), version)
+    probe = build().model
+    lora = families.family_lora(probe, family, rank=rank)
+    print_diagnosis("(random, diffusers names, rank %d)" % rank, family, diagnose(probe, lora, capabilities()), version)
     if not capabilities().bypass_module:
         diff = _direct_hook_vs_merged(lora, build, inputs)
         print("This ComfyUI has no bypass mode: the plugin stays inert (nothing to patch).")

@@ -20,10 +20,7 @@ TINY_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
 def tiny_clip(seed=0):
     model = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32,
                                         model_options={"clip_l_model_config": dict(TINY_CLIP_L)})
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    sc.randomize_(model, seed)
     clip = comfy.sd.CLIP(no_init=True)  # the attributes CLIP.clone() copies; no checkpoint to load
     clip.cond_stage_model = model
     clip.patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),

@@ -3,33 +3,38 @@
 Stock ComfyUI keeps one adapter per module and replaces ``module.forward``; two adapters on
 one fused ``qkv`` (or two LoRAs on one layer) overwrite each other, and two hooks on one
 module break when ejected out of order. Here a module gets one torch forward hook that
-owns all of its adapters:
+owns all of its adapters, in load order, and this module keeps its lifecycle and dispatch:
 
-* plain LoRA factors on a Linear (the common case) are *grouped*: the down-projections of
-  every slot are concatenated along the rank (strength and alpha/rank folded in), so one
-  ``mm`` computes them all; the up-projections are then written straight into the output
-  in place. Kernels per module and forward: 2 on CUDA (``mm`` + one block-diagonal
-  ``addmm_``), ``1 + number of distinct slices`` on CPU (``addmm_`` per slice view), +1
-  cast if the activation dtype differs from the output's. Nothing of the output's size
-  is allocated, per adapter or otherwise.
-* every other adapter (LoHa, LoKr, OFT, BOFT, GLoRA, DoRA, LoCon ``mid``, diff functions)
-  goes through ComfyUI's own ``comfy.lora.calculate_weight`` once, against an fp32 copy of
-  the module's weight, and the resulting delta is applied as ``out[slice] += x @ delta.T``:
-  exactly what the merged path computes, without writing to the weight.
+* every adapter with a factored form (:mod:`.forms`: LoRA, LoHa, LoKr, GLoRA, DoRA, OFT,
+  BOFT on a Linear) is built once per (device, dtype) on the first forward, from its
+  factors only. Forms that are low-rank products (LoRA, LoHa, GLoRA) are *grouped*: all
+  down-projections in one ``mm`` (strength and scale folded in), up-projections written
+  into the output in place (one block-diagonal ``addmm_`` on CUDA, one per slice view on
+  CPU). Forms that read the output (DoRA, OFT, BOFT) rescale or rotate it in load order,
+  as the merged path patches the weight in load order.
+* an adapter with no factored form (conv beyond LoCon, diff functions, DoRA on the input
+  axis, unknown types) gets its delta from ComfyUI's own ``comfy.lora.calculate_weight``
+  inside the forward, in fp32, applied and dropped at once: a transient, never a cache.
+  If such an adapter shares a module with a weight-dependent one, the whole module goes
+  this way, in load order.
 * trainable adapters (``nn.Module``, from ComfyUI's trainer) keep their own ``h``/``g``.
 
-Factors are cast once per (device, dtype) and cached on the hook while it is attached.
+What a hook keeps after a forward: the factors in the compute dtype and O(out) vectors
+(:meth:`FusedBypassHook.held_bytes`), dropped when it is detached. Per-LoRA token masks
+(:mod:`.masks`) scale each LoRA's term per token: in rank space for grouped forms.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .forms import DORA_INDEX, conv_form_class, effective_columns, form_class
 from .keys import BypassKeyError, Target
 
 log = logging.getLogger(__name__)
@@ -46,14 +51,11 @@ class AdapterSlot:
     target: Target
     adapter: Any
     strength: float
+    lora: int = 0  # chain position of the LoRA it came from (for masks)
 
 
 def is_trainable(adapter: Any) -> bool:
     return isinstance(adapter, torch.nn.Module)
-
-
-# Where each adapter type keeps its DoRA scale in ``weights`` (ComfyUI's load() order).
-_DORA_INDEX = {"lora": 4, "loha": 7, "lokr": 8}
 
 
 def weight_dependent(adapter: Any) -> bool:
@@ -62,9 +64,10 @@ def weight_dependent(adapter: Any) -> bool:
     Such deltas do not commute with the other patches of the same weight, so they are
     computed in load order against the patched weight. Unknown types count as dependent.
     """
-    index = _DORA_INDEX.get(getattr(adapter, "name", None))
-    if index is None:
+    name = getattr(adapter, "name", None)
+    if name not in ("lora", "loha", "lokr"):
         return True
+    index = DORA_INDEX[name]
     weights = getattr(adapter, "weights", ())
     return len(weights) > index and weights[index] is not None
 
@@ -120,38 +123,37 @@ def check_slot(slot: AdapterSlot, weight_shape: Sequence[int]) -> None:
 
 
 class _Grouped:
-    """Prepared factors of all grouped LoRA slots of a module, for one (device, dtype).
+    """Low-rank forms of one module, for one (device, dtype): one ``mm`` for all downs.
 
-    ``down_t`` (in, R) holds every slot's down-projection, strength and alpha/rank folded
-    in, slots that share an output slice adjacent. The up-projections are kept either
-    per distinct slice (``plan``: one ``addmm_`` each, on a view of the output) or, with
-    ``block_diagonal``, as one (R, out) matrix that is zero outside each slot's slice, so
+    ``down_t`` (in, R) holds every form's down-projection, strength and scale folded in,
+    forms that share an output slice adjacent. The up-projections are kept either per
+    distinct slice (``plan``: one ``addmm_`` each, on a view of the output) or, with
+    ``block_diagonal``, as one (R, out) matrix that is zero outside each form's slice, so
     a single ``addmm_`` covers the whole output. The first does the fewest FLOPs (best on
-    CPU); the second launches the fewest kernels (best on GPU, where the extra FLOPs are
-    a rank-sized sliver next to the output's memory traffic). Both are exact: the zero
-    blocks add exact zeros.
+    CPU); the second launches the fewest kernels (best on GPU). Both are exact: the zero
+    blocks add exact zeros. ``columns`` gives each LoRA's rank columns, for masks.
     """
 
-    __slots__ = ("down_t", "plan", "up_full_t")
+    __slots__ = ("down_t", "plan", "up_full_t", "columns")
 
-    def __init__(self, slots: Sequence[AdapterSlot], out_features: int, device, dtype, block_diagonal: bool):
-        by_rows: Dict[Tuple[int, int], List[AdapterSlot]] = {}
-        for slot in slots:
-            by_rows.setdefault(_out_rows(slot.target, (out_features, 1)), []).append(slot)
-        downs, plan, rank_end = [], [], 0
+    def __init__(self, entries: Sequence[Tuple[int, int, torch.Tensor, torch.Tensor, int]], out_features: int,
+                 dtype, block_diagonal: bool):
+        by_rows: Dict[Tuple[int, int], list] = {}
+        for start, length, up, down, lora in entries:
+            by_rows.setdefault((start, length), []).append((up, down, lora))
+        downs, plan, columns, rank_end = [], [], [], 0
         for (start, length), members in by_rows.items():
             ups, rank_start = [], rank_end
-            for slot in members:
-                up, down, alpha = lora_factors(slot.adapter)
-                rank = down.shape[0]
-                scale = slot.strength * (alpha / rank if alpha is not None else 1.0)
-                downs.append(down.to(device=device, dtype=torch.float32) * scale)
-                ups.append(up.to(device=device, dtype=torch.float32))
-                rank_end += rank
+            for up, down, lora in members:
+                downs.append(down)
+                ups.append(up)
+                columns.append((rank_end, rank_end + down.shape[0], lora))
+                rank_end += down.shape[0]
             plan.append((start, length, rank_start, rank_end, torch.cat(ups, dim=1).t()))
+        self.columns = tuple(columns)
         self.down_t = torch.cat(downs, dim=0).t().contiguous().to(dtype)
         if block_diagonal or (len(plan) == 1 and plan[0][1] == out_features):
-            full = torch.zeros(rank_end, out_features, device=device, dtype=torch.float32)
+            full = torch.zeros(rank_end, out_features, device=downs[0].device, dtype=torch.float32)
             for start, length, r0, r1, up_t in plan:
                 full[r0:r1, start:start + length] = up_t
             self.up_full_t = full.to(dtype)
@@ -160,6 +162,48 @@ class _Grouped:
             self.up_full_t = None
             self.plan = tuple((s, n, r0, r1, up_t.contiguous().to(dtype)) for s, n, r0, r1, up_t in plan)
 
+    def add_(self, x2: torch.Tensor, out2: torch.Tensor, masks: Optional["LoraMasks"] = None) -> None:
+        """out2 += every form's term; with masks, each LoRA's rank columns scaled per token first."""
+        z = torch.mm(x2, self.down_t)
+        if masks is not None:
+            for r0, r1, lora in self.columns:
+                m = masks(lora)
+                if m is not None:
+                    z[:, r0:r1].mul_(m)
+        if self.up_full_t is not None:
+            out2.addmm_(z, self.up_full_t)
+            return
+        for start, length, r0, r1, up_t in self.plan:
+            out2[:, start:start + length].addmm_(z[:, r0:r1], up_t)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.down_t] + ([self.up_full_t] if self.up_full_t is not None else [p[4] for p in self.plan])
+
+
+# A function of a LoRA's chain position: its per-token scale (tokens, 1) for this forward, or None.
+LoraMasks = Callable[[int], Optional[torch.Tensor]]
+
+
+class _Built:
+    """A hook's forms for one (device, dtype): segments in load order, and the bias they need."""
+
+    __slots__ = ("segments", "bias")
+
+    def __init__(self, segments, bias):
+        # ("add", _Grouped or None, ((form, lora), ...)), ("seq", form, lora) or ("conv", form, lora)
+        self.segments = segments
+        self.bias = bias
+
+    def tensors(self) -> List[torch.Tensor]:
+        out = [self.bias] if self.bias is not None else []
+        for segment in self.segments:
+            if segment[0] == "add":
+                out += segment[1].tensors() if segment[1] is not None else []
+                out += [t for form, _ in segment[2] for t in form.tensors()]
+            else:  # "seq" and "conv": one form
+                out += segment[1].tensors()
+        return out
+
 
 class FusedBypassHook:
     """All bypass adapters of one module, applied by one forward hook."""
@@ -167,31 +211,38 @@ class FusedBypassHook:
     # How grouped up-projections are applied: "auto" (block-diagonal on CUDA, per slice
     # elsewhere), "block" or "sliced". Exposed for the benchmark and the tests.
     layout = "auto"
+    # Set by .masks: (hook, input) -> the LoRA masks for this forward, or None.
+    mask_source: Optional[Callable[["FusedBypassHook", torch.Tensor], Optional[LoraMasks]]] = None
 
     def __init__(self, module: torch.nn.Module, module_path: str, slots: Sequence[AdapterSlot]):
         self.module = module
         self.module_path = module_path
         self.slots = tuple(slots)
-        weight = getattr(module, "weight", None)
-        linear = isinstance(weight, torch.Tensor) and weight.dim() == 2
+        weight = module.weight
+        self.linear = weight.dim() == 2
+        self.out_features = int(weight.shape[0])
+        self.in_features = int(math.prod(weight.shape[1:]))
         self.trainable = tuple(s for s in self.slots if is_trainable(s.adapter))
-        merged_like = tuple(s for s in self.slots if s not in self.trainable)
-        if any(weight_dependent(s.adapter) for s in merged_like):
-            # DoRA/OFT/BOFT/GLoRA read the weight they patch; the merged path patches in
-            # order, so every adapter of this module goes into one ordered delta.
-            self.grouped = ()
-            self.dense_groups = (merged_like,) if merged_like else ()
+        ordered = [s for s in self.slots if s not in self.trainable]
+        classes = [self._form_class(s) for s in ordered]
+        if any(c is None for c in classes) and any(weight_dependent(s.adapter) for s in ordered):
+            # no factored form for one of them, and order matters: the whole module in load order
+            self.form_slots, self.transient_groups = (), ((tuple(ordered)),) if ordered else ()
         else:
-            self.grouped = tuple(
-                s for s in merged_like
-                if linear and s.target.function is None and lora_factors(s.adapter) is not None
-                and (s.target.offset is None or s.target.offset[0] == 0)
-            )
-            self.dense_groups = tuple((s,) for s in merged_like if s not in self.grouped)
-        self._grouped_cache: Dict[Tuple[Any, Any], _Grouped] = {}
-        self._dense_fp32: Optional[List[Tuple[torch.Tensor, Optional[Tuple[int, int]]]]] = None
-        self._dense_cache: Dict[Tuple[Any, Any], list] = {}
+            self.form_slots = tuple((s, c) for s, c in zip(ordered, classes) if c is not None)
+            self.transient_groups = tuple((s,) for s, c in zip(ordered, classes) if c is None)
+        self._built: Dict[Tuple[Any, Any], _Built] = {}
         self._handle = None
+        self._busy = False
+
+    def _form_class(self, slot: AdapterSlot):
+        target = slot.target
+        if target.function is not None or (target.offset is not None and target.offset[0] != 0):
+            return None
+        rows = _out_rows(target, self.module.weight.shape)[1]
+        if not self.linear:
+            return conv_form_class(slot.adapter, self.module, rows)
+        return form_class(slot.adapter, rows, self.in_features, True)
 
     # -- lifecycle -------------------------------------------------------------------
     def attach(self) -> None:
@@ -205,94 +256,171 @@ class FusedBypassHook:
         self.module.__dict__[ACTIVE_HOOK_ATTR] = self
 
     def detach(self) -> None:
-        """Remove the hook and drop the cast factors: an unloaded model keeps no device memory."""
+        """Remove the hook and drop the built forms: an unloaded model keeps no device memory."""
         if self._handle is None:
             return
         self._handle.remove()
         self._handle = None
-        self._grouped_cache.clear()
-        self._dense_cache.clear()
-        self._dense_fp32 = None
+        self._built.clear()
         if self.module.__dict__.get(ACTIVE_HOOK_ATTR) is self:
             del self.module.__dict__[ACTIVE_HOOK_ATTR]
+
+    def held_bytes(self) -> int:
+        """Bytes of every tensor this hook keeps between forwards (factors and vectors)."""
+        seen = {}
+        for built in self._built.values():
+            for t in built.tensors():
+                seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
 
     # -- forward ---------------------------------------------------------------------
     def _forward_hook(self, module, args, output):
         if not args or not isinstance(output, torch.Tensor):
             return None
-        return self.apply(args[0], output)
+        source = FusedBypassHook.mask_source
+        masks = source(self, args[0]) if source is not None else None
+        return self.apply(args[0], output, masks)
 
-    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Add every adapter's output to ``out`` (in place where possible) and return it."""
+    def apply(self, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks] = None) -> torch.Tensor:
+        """Add every adapter's term to ``out`` (in place where possible) and return it."""
         if not out.is_contiguous():
             out = out.contiguous()
-        if self.grouped:
-            self._add_grouped(x, out)
-        if self.dense_groups:
-            self._add_dense(x, out)
+        if self.form_slots:
+            built = self._built.get((out.device, out.dtype))
+            if built is None:
+                built = self._built[(out.device, out.dtype)] = self._build(out.device, out.dtype, out.is_cuda)
+            self._add_forms(built, x, out, masks)
+        for group in self.transient_groups:
+            self._add_transient(group, x, out, masks)
         for slot in self.trainable:
             out = self._apply_trainable(slot, x, out)
         return out
 
-    def _add_grouped(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        key = (out.get_device(), out.dtype)
-        prep = self._grouped_cache.get(key)
-        if prep is None:
-            prep = self._grouped_cache[key] = _Grouped(self.grouped, out.shape[-1], out.device, out.dtype,
-                                                       block_diagonal=self._block_diagonal(out))
+    def _build(self, device, dtype, cuda: bool) -> _Built:
+        """Forms in fp32 on the compute device, weight-reading ones prepared in load order, then cast."""
+        if not self.linear:  # conv forms: additive, each applied on its own
+            return _Built(tuple(("conv", cls(slot.adapter, slot.strength, *_out_rows(slot.target, self.module.weight.shape),
+                                             self.module, device).cast(device, dtype), slot.lora)
+                                for slot, cls in self.form_slots), None)
+        forms32 = []
+        for slot, cls in self.form_slots:
+            start, length = _out_rows(slot.target, self.module.weight.shape)
+            form = cls(slot.adapter, slot.strength, start, length, self.in_features, device)
+            if form.needs_weight:
+                form.prepare(effective_columns(self._weight_columns(device), self.in_features, forms32,
+                                               (start, length)))
+            forms32.append(form)
+        block = self.layout == "block" or (self.layout == "auto" and cuda)
+        segments, run = [], []
+
+        def flush():
+            if not run:
+                return
+            low = [(f.start, f.length) + f.low_rank() + (lora,) for f, lora in run if f.low_rank() is not None]
+            grouped = _Grouped(low, self.out_features, dtype, block) if low else None
+            rest = tuple((f.cast(device, dtype), lora) for f, lora in run if f.low_rank() is None)
+            segments.append(("add", grouped, rest))
+            run.clear()
+
+        for (slot, _), form in zip(self.form_slots, forms32):
+            if form.reads_output:
+                flush()
+                segments.append(("seq", form.cast(device, dtype), slot.lora))
+            else:
+                run.append((form, slot.lora))
+        flush()
+        bias = None
+        if any(s[0] == "seq" for s in segments) and getattr(self.module, "bias", None) is not None:
+            bias = float_weight(self.module.bias).to(device=device, dtype=dtype)
+        return _Built(tuple(segments), bias)
+
+    def _weight_columns(self, device) -> Callable[[int, int], torch.Tensor]:
+        """W[:, c0:c1] in fp32 on ``device``; quantized weights are dequantized once, for this call."""
+        weight = self.module.weight.detach()
+        if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_floating_point():
+            weight = float_weight(weight)
+        weight = weight.reshape(weight.shape[0], -1)
+        return lambda c0, c1: weight[:, c0:c1].to(device=device, dtype=torch.float32)
+
+    def _add_forms(self, built: _Built, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks]) -> None:
+        if not self.linear:
+            xc = x if x.dtype == out.dtype else x.to(out.dtype)
+            for _, form, _ in built.segments:
+                out.narrow(1, form.start, form.length).add_(form.contribution(xc))
+            return
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != out.dtype:
             x2 = x2.to(out.dtype)
         out2 = out.view(-1, out.shape[-1])
-        z = torch.mm(x2, prep.down_t)
-        if prep.up_full_t is not None:
-            out2.addmm_(z, prep.up_full_t)
-            return
-        for start, length, r0, r1, up_t in prep.plan:
-            out2[:, start:start + length].addmm_(z[:, r0:r1], up_t)
-
-    def _block_diagonal(self, out: torch.Tensor) -> bool:
-        return self.layout == "block" or (self.layout == "auto" and out.is_cuda)
-
-    def _dense_deltas(self) -> List[Tuple[torch.Tensor, Optional[Tuple[int, int]]]]:
-        """(fp32 delta, output rows or None) per dense group, computed once by ComfyUI's merge code.
-
-        A group's patches are applied in load order to an fp32 copy of the weight, exactly
-        as the merged path does; the delta is the result minus the weight. A group of one
-        slot on a row slice keeps only those rows.
-        """
-        if self._dense_fp32 is None:
-            import comfy.lora  # the real merge code is the reference for these adapter types
-
-            w32 = float_weight(self.module.weight)
-            deltas = []
-            for group in self.dense_groups:
-                patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in group]
-                merged = comfy.lora.calculate_weight(patches, w32.clone(), group[0].target.weight_key,
-                                                     intermediate_dtype=torch.float32)
-                delta, rows = merged.to(torch.float32) - w32, None
-                offset = group[0].target.offset
-                if len(group) == 1 and offset is not None and offset[0] == 0:
-                    rows = (offset[1], offset[2])
-                    delta = delta.narrow(0, offset[1], offset[2])
-                deltas.append((delta.contiguous(), rows))
-            self._dense_fp32 = deltas
-        return self._dense_fp32
-
-    def _add_dense(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        key = (out.get_device(), out.dtype)
-        deltas = self._dense_cache.get(key)
-        if deltas is None:
-            deltas = self._dense_cache[key] = [(d.to(device=out.device, dtype=out.dtype), rows)
-                                               for d, rows in self._dense_deltas()]
-        xc = x if x.dtype == out.dtype else x.to(out.dtype)
-        for delta, rows in deltas:
-            if delta.dim() != 2:
-                out.add_(_conv(self.module, xc, delta))
-            elif rows is not None:
-                out.narrow(-1, rows[0], rows[1]).add_(F.linear(xc, delta))
+        if masks is not None and any(s[0] == "seq" for s in built.segments):
+            return self._add_forms_tracked(built, x2, out2, masks)
+        for segment in built.segments:
+            if segment[0] == "add":
+                if segment[1] is not None:
+                    segment[1].add_(x2, out2, masks)
+                for form, lora in segment[2]:
+                    rows, mask = out2.narrow(1, form.start, form.length), masks(lora) if masks is not None else None
+                    if hasattr(form, "add_into"):
+                        form.add_into(x2, rows, mask)
+                    else:
+                        _add_masked(rows, form.contribution(x2, None), mask)
             else:
-                out.add_(F.linear(xc, delta))
+                form = segment[1]
+                bias = built.bias.narrow(0, form.start, form.length) if built.bias is not None else None
+                rows = out2.narrow(1, form.start, form.length)
+                if hasattr(form, "update_"):
+                    form.update_(x2, rows, bias)
+                else:
+                    y = rows - bias if bias is not None else rows.clone()
+                    rows.add_(form.contribution(x2, y))
+
+    def _add_forms_tracked(self, built: _Built, x2, out2, masks: LoraMasks) -> None:
+        """Masks with forms that read the output: those read y = W'x unmasked, tracked beside out."""
+        y = out2 - built.bias if built.bias is not None else out2.clone()
+        for segment in built.segments:
+            if segment[0] == "add":
+                if segment[1] is not None:
+                    segment[1].add_(x2, y)
+                    segment[1].add_(x2, out2, masks)
+                pairs = segment[2]
+            else:
+                pairs = ((segment[1], segment[2]),)
+            for form, lora in pairs:
+                rows = y.narrow(1, form.start, form.length)
+                d = form.contribution(x2, rows)
+                rows.add_(d)
+                _add_masked(out2.narrow(1, form.start, form.length), d, masks(lora))
+
+    def _add_transient(self, group: Tuple[AdapterSlot, ...], x: torch.Tensor, out: torch.Tensor,
+                       masks: Optional[LoraMasks]) -> None:
+        """Deltas from ComfyUI's merge code, in fp32, formed inside this forward and dropped.
+
+        Adapters whose delta does not depend on the weight are computed against zeros (the
+        weight is never read); otherwise against the dequantized weight, in load order.
+        """
+        import comfy.lora  # the real merge code is the reference for these adapter types
+
+        weight = self.module.weight
+        if any(weight_dependent(s.adapter) for s in group):
+            current = float_weight(weight).to(out.device)
+        else:
+            current = torch.zeros(weight.shape, device=out.device, dtype=torch.float32)
+        steps = [group] if masks is None else [(s,) for s in group]
+        xc = x if x.dtype == out.dtype else x.to(out.dtype)
+        for step in steps:
+            patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in step]
+            patched = comfy.lora.calculate_weight(patches, current.clone(), step[0].target.weight_key,
+                                                  intermediate_dtype=torch.float32)
+            delta, current = (patched.to(torch.float32) - current).to(out.dtype), patched
+            if delta.dim() != 2:
+                term = _conv(self.module, xc, delta)
+            else:
+                term = F.linear(xc, delta)
+            m = masks(step[0].lora) if masks is not None and len(step) == 1 else None
+            if m is not None and term.dim() == out.dim() and delta.dim() == 2:
+                term = term.reshape(-1, term.shape[-1]).mul_(m).view(out.shape)
+            out.add_(term)
+            del delta, term
 
     def _apply_trainable(self, slot: AdapterSlot, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """ComfyUI's own bypass contract for trainable adapters: g(f(x) + h(x))."""
@@ -303,6 +431,13 @@ class FusedBypassHook:
             out.narrow(-1, slot.target.offset[1], slot.target.offset[2]).add_(h)
             return out
         return adapter.g(out + h)
+
+
+def _add_masked(rows: torch.Tensor, term: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    if mask is None:
+        rows.add_(term)
+    else:
+        rows.addcmul_(term, mask)
 
 
 def float_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ def test_fused_linear1_gets_one_hook_with_all_slices():
     # to_q/to_k/to_v/proj_mlp slices (a Flux.1 diffusers LoRA has no whole-weight linear1 key)
     offsets = sorted(s.target.offset for s in linear1.slots)
     assert offsets == [(0, 0, 64), (0, 64, 64), (0, 128, 64), (0, 192, 256)]
-    assert len(linear1.grouped) == len(offsets)  # all computed by the grouped path
+    assert len(linear1.form_slots) == len(offsets) and not linear1.transient_groups  # all factored
     qkv = hooks["diffusion_model.double_blocks.1.img_attn.qkv"]
     assert len(qkv.slots) == 3
     assert len(manager.hooks) == len({s.target.module_path for s in manager.slots})
@@ -72,13 +72,13 @@ def test_both_up_projection_layouts_match_merged(layout, monkeypatch):
         with torch.no_grad():
             rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
             out = patcher.model.apply_model(inputs["x"], inputs["t"], **rest).clone()
-        fused = [p for h in manager.hooks if len({s.target.offset for s in h.grouped}) > 1
-                 for p in h._grouped_cache.values()]  # qkv and linear1: several slices
+        fused = [seg[1] for h in manager.hooks if len({s.target.offset for s in h.slots}) > 1
+                 for built in h._built.values() for seg in built.segments]  # qkv and linear1: several slices
     finally:
         mm.unload_all_models()
     assert sc.max_rel_diff(out, sc.forward(merged, inputs)) <= REL_TOL
     assert fused and all((p.up_full_t is not None) == (layout == "block") for p in fused)
-    assert not any(h._grouped_cache for h in manager.hooks)  # cast factors dropped on eject
+    assert not any(h._built for h in manager.hooks)  # cast factors dropped on eject
 
 
 def test_two_loras_on_one_module_add_up():

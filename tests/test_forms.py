@@ -1,0 +1,209 @@
+"""Every adapter form (forms.py) against merged, on whole weights and fused slices, at strength
+≠ 1, chained after a plain LoRA, under lowvram; and the memory contract: what a hook keeps
+after a forward is factor-sized, never a full-size tensor.
+
+The plugin's manager is applied directly (kit.manager_bypass), so this runs on every pinned
+tree, 0.3.75 included; the stock loader path is covered by test_adapter_types.py.
+"""
+
+import pytest
+import torch
+
+import comfy.sd
+
+from freefuse_bypass_patch import forms
+from freefuse_bypass_patch import selfcheck as sc
+from support import REL_TOL
+
+
+def _r(gen, *shape, scale=0.2):
+    return torch.randn(*shape, generator=gen) * scale
+
+
+# variant -> (form class expected on a Linear, factor generator (rows, cols, gen) -> {suffix: tensor})
+VARIANTS = {
+    "lokr-full": (forms.LoKrForm, lambda n, m, g: {"lokr_w1": _r(g, 4, 4), "lokr_w2": _r(g, n // 4, m // 4),
+                                                  "alpha": torch.tensor(1.0)}),
+    "lokr-lowrank": (forms.LoKrForm, lambda n, m, g: {
+        "lokr_w1_a": _r(g, 4, 2), "lokr_w1_b": _r(g, 2, 4), "lokr_w2_a": _r(g, n // 4, 2),
+        "lokr_w2_b": _r(g, 2, m // 4), "alpha": torch.tensor(3.0)}),
+    "loha": (forms.LoHaForm, lambda n, m, g: {
+        "hada_w1_a": 3 * _r(g, n, 2), "hada_w1_b": 3 * _r(g, 2, m), "hada_w2_a": 3 * _r(g, n, 2),
+        "hada_w2_b": 3 * _r(g, 2, m), "alpha": torch.tensor(2.0)}),
+    # r1·r2·(out + in) >= out·in on these tiny weights: the delta is formed inside the forward
+    "loha-dense": (forms.DenseLoHaForm, lambda n, m, g: {
+        "hada_w1_a": _r(g, n, 16), "hada_w1_b": _r(g, 16, m), "hada_w2_a": _r(g, n, 16),
+        "hada_w2_b": _r(g, 16, m), "alpha": torch.tensor(16.0)}),
+    "dora": (forms.DoRAForm, lambda n, m, g: {
+        "lora_up.weight": _r(g, n, 4), "lora_down.weight": _r(g, 4, m), "alpha": torch.tensor(4.0),
+        "dora_scale": 1.0 + _r(g, n, 1)}),
+    "dora-loha": (forms.DoRAForm, lambda n, m, g: dict(VARIANTS["loha"][1](n, m, g), dora_scale=1.0 + _r(g, n, 1))),
+    "dora-lokr": (forms.DoRAForm, lambda n, m, g: dict(VARIANTS["lokr-full"][1](n, m, g), dora_scale=1.0 + _r(g, n, 1))),
+    "glora": (forms.GLoRAForm, lambda n, m, g: {
+        "a1.weight": _r(g, m, 4), "a2.weight": _r(g, 4, m), "b1.weight": _r(g, n, 4), "b2.weight": _r(g, 4, m),
+        "alpha": torch.tensor(4.0)}),
+    "glora-old": (forms.GLoRAForm, lambda n, m, g: {
+        "a1.weight": _r(g, 4, m), "a2.weight": _r(g, m, 4), "b1.weight": _r(g, 4, m), "b2.weight": _r(g, n, 4),
+        "alpha": torch.tensor(4.0)}),
+    "dora-glora": (forms.DoRAForm, lambda n, m, g: dict(VARIANTS["glora"][1](n, m, g), dora_scale=1.0 + _r(g, n, 1))),
+    "oft": (forms.OFTForm, lambda n, m, g: {"oft_blocks": _r(g, n // 16, 16, 16, scale=0.4),
+                                            "alpha": torch.tensor(0.0)}),
+    "oft-constrained": (forms.OFTForm, lambda n, m, g: {"oft_blocks": _r(g, n // 16, 16, 16, scale=0.4),
+                                                        "alpha": torch.tensor(0.5)}),
+    "dora-oft": (forms.DoRAForm, lambda n, m, g: {"oft_blocks": _r(g, n // 16, 16, 16, scale=0.4),
+                                                  "alpha": torch.tensor(0.5), "dora_scale": 1.0 + _r(g, n, 1)}),
+    "boft": (forms.BOFTForm, lambda n, m, g: {"oft_blocks": _r(g, 2, n // 16, 16, 16, scale=0.4),
+                                              "alpha": torch.tensor(1.0), "rescale": 1.0 + _r(g, n, 1)}),
+}
+
+
+def _variant_lora(model, variant, convention, seed, limit=8):
+    """``variant`` on up to ``limit`` Linear targets: fused slices for OneTrainer names, whole weights for kohya."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = sc.lora_targets(model, convention)
+    if convention == "onetrainer":
+        targets = [t for t in targets if isinstance(t[1], tuple) and t[1][1] is not None]
+    sd = {}
+    for name, _, (rows, cols) in targets:
+        if rows % 32 or cols % 4 or len(sd) and len({k.rsplit(".", 2)[0] for k in sd}) >= limit:
+            continue
+        for suffix, tensor in VARIANTS[variant][1](rows, cols, gen).items():
+            sd["%s.%s" % (name, suffix)] = tensor
+    return sd
+
+
+def _hook_classes(manager):
+    """The form classes the hooks chose, and how many adapters fell back to a transient delta."""
+    return ([cls for hook in manager.hooks for _, cls in hook.form_slots],
+            sum(len(group) for hook in manager.hooks for group in hook.transient_groups))
+
+
+def _compare(base, inputs, chain_):
+    merged = sc.forward(sc.chain(comfy.sd.load_lora_for_models, base, chain_), inputs)
+    patcher, manager = sc.manager_bypass(base, chain_)
+    return sc.max_rel_diff(sc.forward(patcher, inputs), merged), merged, manager
+
+
+@pytest.mark.parametrize("placement", ["whole", "slice"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_form_matches_merged(variant, placement):
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    lora = _variant_lora(base.model, variant, "kohya" if placement == "whole" else "onetrainer", seed=101)
+    strength = 1.0 if "oft" in variant else 0.7
+    rel, merged, manager = _compare(base, inputs, [(lora, strength)])
+    assert sc.max_rel_diff(merged, sc.forward(base, inputs)) > 10 * REL_TOL  # the adapter visibly acts
+    assert rel <= REL_TOL, "%s on %s: %.3e" % (variant, placement, rel)
+    classes, transient = _hook_classes(manager)
+    assert classes and set(classes) == {VARIANTS[variant][0]}, classes
+    assert transient == 0  # a factored form, not the transient delta
+
+
+@pytest.mark.parametrize("variant", ["lokr-lowrank", "loha", "dora", "dora-loha", "glora", "oft", "boft"])
+@pytest.mark.parametrize("strength", [0.5, -1.3])
+def test_form_at_other_strengths_after_a_plain_lora(variant, strength):
+    """Merged patches in load order and weight-reading forms see the weight as already patched."""
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    first = sc.make_lora(base.model, "kohya", rank=4, seed=102, alpha=4)
+    second = _variant_lora(base.model, variant, "kohya", seed=103)
+    chain_ = [(first, 0.9), (second, strength)]
+    rel, merged, _ = _compare(base, inputs, chain_)
+    alone = sc.forward(sc.chain(comfy.sd.load_lora_for_models, base, chain_[1:]), inputs)
+    assert sc.max_rel_diff(merged, alone) > 10 * REL_TOL
+    assert rel <= REL_TOL, "%s after a LoRA at %s: %.3e" % (variant, strength, rel)
+
+
+def test_every_form_stacked_on_one_fused_weight():
+    """All kinds at once, each on its own slices of the same qkv / linear1, in load order."""
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    chain_ = [(_variant_lora(base.model, v, "onetrainer", seed=110 + i, limit=20), 0.6 if "oft" not in v else 1.0)
+              for i, v in enumerate(["dora", "lokr-full", "oft", "loha", "glora", "boft"])]
+    rel, _, manager = _compare(base, inputs, chain_)
+    assert rel <= REL_TOL, rel
+    assert max(len(h.form_slots) for h in manager.hooks) >= 6
+
+
+def test_memory_contract_factors_and_vectors_only():
+    """After a forward, a hook holds its adapters' factors (compute dtype) and O(out) vectors:
+    never a tensor of the weight's size, and at most twice the factors' bytes plus 6 vectors per slot."""
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    chain_ = [(_variant_lora(base.model, v, conv, seed=120 + i, limit=20), 0.8)
+              for i, (v, conv) in enumerate([("lokr-lowrank", "kohya"), ("loha", "onetrainer"), ("dora", "kohya"),
+                                             ("oft", "onetrainer"), ("glora", "kohya"), ("boft", "kohya")])]
+    patcher, manager = sc.manager_bypass(base, chain_)
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    try:
+        with torch.no_grad():
+            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+            patcher.model.apply_model(inputs["x"], inputs["t"], **rest)
+        checked = 0
+        for hook in manager.hooks:
+            weight = hook.module.weight
+            held = [t for built in hook._built.values() for t in built.tensors()]
+            factors = sum(t.numel() for s in hook.slots for t in s.adapter.weights if isinstance(t, torch.Tensor))
+            rows = sum(s.target.offset[2] if s.target.offset else weight.shape[0] for s in hook.slots)
+            assert held and max(t.numel() for t in held) < weight.numel(), hook.module_path
+            assert hook.held_bytes() <= 4 * (2 * factors + 6 * rows + weight.shape[0]), hook.module_path
+            checked += 1
+        assert checked >= 10
+    finally:
+        mm.unload_all_models()
+    assert all(hook.held_bytes() == 0 for hook in manager.hooks)  # ejected: nothing kept
+
+
+def test_lowvram_forms_match_merged():
+    """ComfyUI's partial loading: weights cast per forward, forms read the weight in chunks."""
+    from test_lowvram import _run_partially_loaded
+
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    chain_ = [(sc.make_lora(base.model, "onetrainer", rank=4, seed=130), 0.8),
+              (_variant_lora(base.model, "dora", "kohya", seed=131, limit=20), 0.7),
+              (_variant_lora(base.model, "lokr-full", "onetrainer", seed=132, limit=20), 0.7),
+              (_variant_lora(base.model, "oft", "kohya", seed=133, limit=20), 1.0)]
+    merged, merged_low = _run_partially_loaded(sc.chain(comfy.sd.load_lora_for_models, base, chain_), inputs)
+    bypass, bypass_low = _run_partially_loaded(sc.manager_bypass(base, chain_)[0], inputs)
+    assert merged_low > 10 and bypass_low > 10
+    assert sc.max_rel_diff(bypass, merged) <= REL_TOL
+
+
+def _conv_lora(weight, kind, gen):
+    out_ch, in_ch, kh, kw = weight.shape
+    name = "lora_unet_x_embedder_proj"
+    if kind == "locon":
+        factors = {"lora_up.weight": _r(gen, out_ch, 4, 1, 1), "lora_down.weight": _r(gen, 4, in_ch, kh, kw)}
+    elif kind == "locon-tucker":
+        factors = {"lora_up.weight": _r(gen, out_ch, 4, 1, 1), "lora_down.weight": _r(gen, 4, in_ch, 1, 1),
+                   "lora_mid.weight": _r(gen, 4, 4, kh, kw)}
+    elif kind == "lokr":
+        factors = {"lokr_w1": _r(gen, 4, 4), "lokr_w2": _r(gen, out_ch // 4, in_ch // 4, kh, kw)}
+    else:  # DoRA on a conv: no factored form, a transient delta from the merge code
+        factors = {"lora_up.weight": _r(gen, out_ch, 4, 1, 1), "lora_down.weight": _r(gen, 4, in_ch, kh, kw),
+                   "dora_scale": 1.0 + _r(gen, out_ch, 1, 1, 1)}
+    factors["alpha"] = torch.tensor(2.0)
+    return {"%s.%s" % (name, k): v for k, v in factors.items()}
+
+
+@pytest.mark.parametrize("kind", ["locon", "locon-tucker", "lokr", "dora"])
+def test_conv_forms_match_merged(kind):
+    """SD3's patch-embedding Conv2d: LoCon and LoKr in factored conv form; DoRA transient."""
+    from freefuse_bypass_patch import families
+
+    if not families.available("sd3"):
+        pytest.skip("this ComfyUI cannot build SD3")
+    base = families.tiny_model("sd3")
+    inputs = families.tiny_inputs("sd3")
+    lora = _conv_lora(base.model.diffusion_model.x_embedder.proj.weight, kind, torch.Generator().manual_seed(140))
+    merged = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, 0.8, 0)[0], inputs)
+    patcher, manager = sc.manager_bypass(base, [(lora, 0.8)])
+    assert sc.max_rel_diff(merged, sc.forward(base, inputs)) > 10 * REL_TOL
+    assert sc.max_rel_diff(sc.forward(patcher, inputs), merged) <= REL_TOL
+    classes, transient = _hook_classes(manager)
+    expected = {"locon": forms.ConvLoRAForm, "locon-tucker": forms.ConvLoRAForm, "lokr": forms.ConvLoKrForm,
+}.get(kind)
+    assert classes == ([expected] if expected else []) and transient == (0 if expected else 1)

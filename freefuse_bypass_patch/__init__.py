@@ -22,4 +22,17 @@ else:
     except Exception as _err:
         _logging.getLogger(__name__).warning("[freefuse_bypass_patch] not installed: %s: %s", type(_err).__name__, _err)
 
-__all__ = ["install", "uninstall", "is_patched", "capabilities", "NODE_CLASS_MAPPINGS", "__version__"]
+_MASK_API = ("bypass_loras", "with_lora_masks", "set_lora_masks", "lora_masks", "lora_name", "LoraMaskError")
+
+
+def __getattr__(name):
+    """The mask API, imported on first use: importing the package (sitecustomize, .pth) stays light."""
+    if name in _MASK_API:
+        from . import masks
+
+        return getattr(masks, name)
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+__all__ = ["install", "uninstall", "is_patched", "capabilities", "bypass_loras", "with_lora_masks",
+           "set_lora_masks", "lora_masks", "lora_name", "LoraMaskError", "NODE_CLASS_MAPPINGS", "__version__"]

@@ -6,7 +6,8 @@ Differences from stock ComfyUI:
 * several adapters per module, in one hook (see :mod:`.hooks`);
 * chaining: the adapters of every earlier bypass LoRA on the input patcher are carried
   over (kept as an immutable tuple in a patcher attachment), so a second loader adds to
-  the first instead of replacing it; the input patcher is never changed;
+  the first instead of replacing it; the input patcher is never changed; each LoRA keeps
+  its chain position and a name (for token masks, :mod:`.masks`);
 * one summary line; every adapter that is not applied is named in it;
 * one bad key is logged and skipped; the rest of the LoRA still loads.
 """
@@ -21,6 +22,7 @@ import torch
 from .hooks import AdapterSlot, check_slot
 from .keys import BypassKeyError, Target, parse_target
 from .manager import FusedBypassManager
+from .masks import NAMES_ATTACHMENT, next_name
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
     if not adapters and not earlier:
         return matched
     shapes = {k: tuple(v.shape) for k, v in root.state_dict().items()} if adapters else {}
+    names = tuple(getattr(patcher, "attachments", {}).get(NAMES_ATTACHMENT, ())) or (("lora_0",) if earlier else ())
+    name = next_name(names)  # raises before anything changes if the caller's name is taken
     new_slots = []
     for key, adapter in adapters.items():
         try:
@@ -69,7 +73,7 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
             continue
         if target.weight_key not in shapes:
             continue
-        slot = AdapterSlot(key, target, adapter, float(strength))
+        slot = AdapterSlot(key, target, adapter, float(strength), lora=len(names))
         try:
             check_slot(slot, shapes[target.weight_key])
         except BypassKeyError as err:
@@ -81,6 +85,8 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
         if strength != 0:
             new_slots.append(slot)
     slots = earlier + tuple(new_slots)
+    if matched:
+        patcher.set_attachments(NAMES_ATTACHMENT, names + (name,))
     if new_slots or earlier:
         patcher.set_attachments(SLOTS_ATTACHMENT, slots)
         patcher.set_injections(INJECTION_KEY, FusedBypassManager(slots).create_injections(root))

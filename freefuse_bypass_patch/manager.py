@@ -15,6 +15,7 @@ import torch
 
 from .hooks import AdapterSlot, FusedBypassHook, check_slot
 from .keys import Offset, parse_target
+from .masks import forward_hooks
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,24 @@ class FusedBypassManager:
         return hooks
 
     def create_injections(self, model: torch.nn.Module) -> list:
-        """A single PatcherInjection that attaches and detaches every hook."""
+        """A single PatcherInjection that attaches and detaches every hook (and the forward
+        hooks that publish the patcher's token masks, see :mod:`.masks`)."""
         from comfy.patcher_extension import PatcherInjection
 
         hooks = self.create_hooks(model)
+        handles: list = []
 
         def inject(model_patcher=None):
             for hook in hooks:
                 hook.attach()
+            if not handles:
+                handles.extend(forward_hooks(model, model_patcher))
 
         def eject(model_patcher=None):
             for hook in hooks:
                 hook.detach()
+            while handles:
+                handles.pop().remove()
 
         return [PatcherInjection(inject=inject, eject=eject)]
 

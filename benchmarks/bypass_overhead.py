@@ -102,7 +102,7 @@ def main():
     cfg = CONFIGS[args.config]
     device = torch.device(cfg["device"])
 
-    from freefuse_bypass_patch import selfcheck as sc
+    from freefuse_bypass_patch import kit as sc
 
     sc.use_comfyui(args.comfyui or sc.default_comfyui(), cpu=device.type == "cpu")
     if device.type == "cpu":

@@ -23,7 +23,7 @@ def main():
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
     parser.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (a dry run of the script)")
     args = parser.parse_args()
-    from freefuse_bypass_patch import selfcheck as sc
+    from freefuse_bypass_patch import kit as sc
 
     sc.use_comfyui(args.comfyui, cpu=args.device == "cpu")
     import comfy.model_patcher

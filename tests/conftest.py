@@ -39,6 +39,6 @@ if TREE:
             sys.path.insert(0, p)
     os.environ["PYTHONPATH"] = os.pathsep.join(extra + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
-    from freefuse_bypass_patch import selfcheck
+    from freefuse_bypass_patch import kit
 
-    selfcheck.use_comfyui(TREE)
+    kit.use_comfyui(TREE)

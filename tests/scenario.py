@@ -2,8 +2,9 @@
 
 Run by tests/test_activation.py: ``python tests/scenario.py ACTIVATION COMFYUI_TREE`` with
 ACTIVATION in {explicit, sitecustomize, custom_nodes}; prints one JSON line. The plugin's
-helpers are loaded from their file, not as a package, so that importing them does not
-activate the plugin (custom_nodes must be activated by ComfyUI's own loader).
+test kit is loaded from its folder under a name of its own, not as part of the package, so
+that importing it does not activate the plugin (custom_nodes must be activated by ComfyUI's
+own loader).
 """
 
 import asyncio
@@ -18,16 +19,19 @@ PKG = os.path.join(os.path.dirname(HERE), "freefuse_bypass_patch")
 MARK = "_self_freefuse_bypass_patch"
 
 
-def _load_selfcheck():
-    spec = importlib.util.spec_from_file_location("ffbp_selfcheck", os.path.join(PKG, "selfcheck.py"))
+def _load_kit():
+    kit = os.path.join(PKG, "kit")
+    spec = importlib.util.spec_from_file_location("ffbp_kit", os.path.join(kit, "__init__.py"),
+                                                  submodule_search_locations=[kit])
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its modules import each other relatively
     spec.loader.exec_module(module)
     return module
 
 
 def _activate(how, tree):
     report = {"imported_before_comfy": "freefuse_bypass_patch" in sys.modules and "comfy.sd" not in sys.modules}
-    sc = _load_selfcheck()
+    sc = _load_kit()
     sc.use_comfyui(tree)
     import comfy.sd
 

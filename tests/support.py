@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from freefuse_bypass_patch import selfcheck
+from freefuse_bypass_patch import kit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -67,7 +67,7 @@ def adapter_lora(model, kind, convention, seed, limit=6):
     """An adapter of ``kind`` on the first ``limit`` targets (fused slices for diffusers names)."""
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    targets = selfcheck.lora_targets(model, convention)
+    targets = kit.lora_targets(model, convention)
     if convention != "kohya":  # diffusers-style names: keep the fused slices
         targets = [t for t in targets if isinstance(t[1], tuple) and t[1][1] is not None]
     for name, _, (rows, cols) in targets[:limit]:

@@ -12,7 +12,7 @@ import torch
 import comfy.lora
 import comfy.sd
 
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import HAS_BYPASS, REL_TOL, adapter_lora as _lora
 
 
@@ -66,12 +66,10 @@ def test_weight_dependent_adapter_after_a_lora_on_the_same_weights(kind):
 @pytest.mark.parametrize("tucker", [False, True], ids=["locon", "locon-tucker"])
 def test_conv_locon_matches_merged(tucker):
     """A conv LoRA (LoCon, optionally with a Tucker mid) on SD3's patch-embedding Conv2d."""
-    from freefuse_bypass_patch import families
-
-    if not families.available("sd3"):
+    if not sc.available("sd3"):
         pytest.skip("this ComfyUI cannot build SD3")
-    base = families.tiny_model("sd3")
-    inputs = families.tiny_inputs("sd3")
+    base = sc.tiny_model("sd3")
+    inputs = sc.tiny_inputs("sd3")
     weight = base.model.diffusion_model.x_embedder.proj.weight
     out_ch, in_ch, kh, kw = weight.shape
     gen = torch.Generator().manual_seed(71)

@@ -7,8 +7,7 @@ import comfy.sd  # noqa: F401  (the plugin decides what this tree can do on this
 import pytest
 
 import freefuse_bypass_patch as ffbp
-from freefuse_bypass_patch import families
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import HAS_BYPASS, ROOT, TREE, run_python
 
 
@@ -25,9 +24,9 @@ def test_check_shows_stock_vs_patched():
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_dry_run_of_a_lora_file(family, tmp_path):
-    if not families.available(family):
+    if not sc.available(family):
         pytest.skip("this ComfyUI cannot build %s" % family)
-    lora = families.family_lora(families.tiny_model(family).model, family, rank=2)
+    lora = sc.family_lora(sc.tiny_model(family).model, family, rank=2)
     path = sc.save_lora(lora, str(tmp_path / "my_lora.safetensors"))
     proc = run_python(["-m", "freefuse_bypass_patch", "check", "--comfyui", TREE, "--lora", path, "--model", family])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import comfy.sd
 import comfy.sd1_clip
 import torch
 
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era

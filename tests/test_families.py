@@ -2,7 +2,7 @@
 
 Flux only exercises Flux's key map; SD3, PixArt, Lumina2/Z-Image, Chroma, Flux2 and
 AuraFlow each have their own fused layouts (thirds of qkv, halves of kv, 9H-row linear1,
-function tuples). Tiny random models are built by the tree's own classes (families.py),
+function tuples). Tiny random models are built by the tree's own classes (kit.models),
 LoRAs come from the tree's own key map. Runs on every pinned tree: through the stock
 loader where bypass mode exists, and through the plugin's manager directly everywhere.
 """
@@ -16,8 +16,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.sd
 
-from freefuse_bypass_patch import families
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from freefuse_bypass_patch.patching import comfyui_version
 import support
 from support import REL_TOL, TREE, bypass_era
@@ -28,9 +27,9 @@ if VERSION == "unknown":
 STRENGTH = 0.8
 
 
-@pytest.fixture(params=families.FAMILIES)
+@pytest.fixture(params=sc.FAMILIES)
 def family(request):
-    if not families.available(request.param):
+    if not sc.available(request.param):
         pytest.skip("ComfyUI %s (%s) cannot build a %s model" % (VERSION, TREE, request.param))
     return request.param
 
@@ -46,9 +45,9 @@ def _manager_bypass(base, lora, strength):
 
 
 def _check(family, make_bypass, base=None, lora=None):
-    base = families.tiny_model(family) if base is None else base
-    inputs = families.tiny_inputs(family)
-    lora = families.family_lora(base.model, family) if lora is None else lora
+    base = sc.tiny_model(family) if base is None else base
+    inputs = sc.tiny_inputs(family)
+    lora = sc.family_lora(base.model, family) if lora is None else lora
     before = sc.weights_snapshot(base)
     base_out = sc.forward(base, inputs)
     merged_out = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, STRENGTH, 0)[0], inputs)
@@ -65,13 +64,13 @@ def _check(family, make_bypass, base=None, lora=None):
 
 
 def test_family_lora_reaches_fused_weights(family):
-    base = families.tiny_model(family)
-    lora = families.family_lora(base.model, family)
+    base = sc.tiny_model(family)
+    lora = sc.family_lora(base.model, family)
     loaded = _loaded(base, lora)
     assert len(loaded) * 2 == len(lora)  # every name found its weight, one patch per target
-    forms = families.key_forms(loaded)
+    forms = sc.key_forms(loaded)
     assert forms["whole"] > 0
-    if family in families.SLICED:
+    if family in sc.SLICED:
         assert forms["slice"] > 0, forms
     else:  # AuraFlow: separate q/k/v, the final modulation is the function tuple
         assert forms["function"] > 0, forms
@@ -89,10 +88,10 @@ def test_manager_matches_merged(family):
 @pytest.mark.parametrize("convention", ["onetrainer", "lycoris", "kohya", "native"])
 def test_family_naming_conventions_match_merged(family, convention):
     """Every naming convention this tree's key map has for the family (skipped where it has none)."""
-    base = families.tiny_model(family)
+    base = sc.tiny_model(family)
     if not sc.named_targets(base.model, sc.CONVENTIONS[convention][0]):
         pytest.skip("ComfyUI %s maps no %s names for %s" % (VERSION, convention, family))
-    lora = families.family_lora(base.model, family, convention=convention, seed=91)
+    lora = sc.family_lora(base.model, family, convention=convention, seed=91)
     assert len(_loaded(base, lora)) * 2 == len(lora)
 
     def bypass(base, lora, strength):
@@ -142,13 +141,13 @@ KIND_STRENGTH = {"oft": 1.0, "boft": 1.0}
 @pytest.mark.parametrize("kind", KINDS)
 def test_family_adapter_types_match_merged(family, kind):
     """Family x adapter type: every type on the family's fused slices and whole weights."""
-    base = families.tiny_model(family)
-    inputs = families.tiny_inputs(family)
+    base = sc.tiny_model(family)
+    inputs = sc.tiny_inputs(family)
     lora, targets = _family_adapter_lora(base.model, kind, seed=81)
     loaded = _loaded(base, lora)
     assert len(loaded) == targets
-    if family in families.SLICED:
-        assert families.key_forms(loaded)["slice"] > 0
+    if family in sc.SLICED:
+        assert sc.key_forms(loaded)["slice"] > 0
     base_out = sc.forward(base, inputs)
     strength = KIND_STRENGTH.get(kind, 0.3)
     merged_out = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, strength, 0)[0], inputs)

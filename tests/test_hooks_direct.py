@@ -11,7 +11,7 @@ import comfy.lora
 import comfy.model_management as mm
 import comfy.sd
 
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
 from support import REL_TOL
 

@@ -8,8 +8,8 @@ SCRIPT = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     import freefuse_bypass_patch as ffbp
-    from freefuse_bypass_patch import selfcheck
-    selfcheck.use_comfyui(sys.argv[1])
+    from freefuse_bypass_patch import kit
+    kit.use_comfyui(sys.argv[1])
     import comfy.sd
     ffbp.install()  # a second install must not log again
     print("PATCHED", ffbp.is_patched(), hasattr(comfy.sd, "load_bypass_lora_for_models"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import freefuse_bypass_patch as ffbp
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era

@@ -5,7 +5,7 @@ equal merged loaded the same way, and unpatching must restore the base output.""
 import comfy.sd
 import torch
 
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import REL_TOL, adapter_lora, bypass_era
 
 pytestmark = bypass_era

@@ -9,7 +9,7 @@ import torch
 
 import comfy.sd
 
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import REL_TOL, adapter_lora, bypass_era
 
 pytestmark = bypass_era

@@ -9,7 +9,7 @@ import logging
 import comfy.sd
 import torch
 
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
 from support import REL_TOL, bypass_era
 

@@ -3,20 +3,19 @@
 Real checkpoints are gigabytes; the bug this plugin fixes lives in the key map and in the
 hooks, not in the sizes. So each family is built from ``comfy.supported_models.<Class>``
 with a minimal ``unet_config`` shaped like the ones ``comfy.model_detection`` produces
-(same flags, same fused layouts, tiny widths), on CPU in fp32, and LoRAs are derived from
-ComfyUI's own key map (``comfy.lora.model_lora_keys_unet``), so every tuple target the
-tree knows for that family is exercised.
+(same flags, same fused layouts, tiny widths), on CPU in fp32, with random weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict
 
 import torch
 
-from . import selfcheck
+TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48,
+                 hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                 axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 
 FAMILIES = ("flux", "chroma", "flux2", "sd3", "pixart", "lumina2", "zimage", "auraflow")
 
@@ -80,6 +79,72 @@ _CONFIGS = {
 SLICED = frozenset(FAMILIES) - {"auraflow"}
 
 
+def tiny_flux(seed: int = 0, device=None, dtype=None, manual_cast=None, **overrides):
+    """A ModelPatcher around a random Flux built by ComfyUI's own classes (CPU, fp32 by default).
+
+    ``dtype`` is the weight storage dtype; ``manual_cast`` the compute dtype ComfyUI casts
+    weights to at forward time (as it does for fp8 checkpoints).
+    """
+    import comfy.ldm.flux.model as flux_model
+    import comfy.supported_models
+
+    config = dict(TINY_FLUX, **overrides)
+    fields = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        config.setdefault("txt_ids_dims", [])  # newer trees require it; model detection sets [] for Flux.1
+    model_config = comfy.supported_models.Flux(config)
+    if dtype is not None:
+        model_config.set_inference_dtype(dtype, manual_cast)
+    return random_patcher(model_config, seed, device)
+
+
+def random_patcher(model_config, seed: int = 0, device=None):
+    """``model_config``'s model built on ``device``, filled by ``randomize_``, in a ModelPatcher."""
+    import comfy.model_patcher
+
+    device = torch.device(device or "cpu")
+    model = model_config.get_model({}, device=device)
+    randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter (and SD3's ``pos_embed`` buffer) with N(0, 0.05), in place.
+
+    ComfyUI's ops skip weight init, so a model built without a checkpoint would hold
+    uninitialised memory. On the CPU the values come from one seeded generator in
+    parameter order; on a GPU from a generator on that device.
+    """
+    tensors = list(module.parameters()) + [b for n, b in module.named_buffers() if n.endswith("pos_embed")]
+    if not tensors:
+        return
+    device = tensors[0].device
+    with torch.no_grad():
+        if device.type == "cpu":
+            gen = torch.Generator().manual_seed(seed)
+            for t in tensors:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
+        else:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            for t in tensors:
+                t.normal_(0.0, 0.05, generator=gen)
+
+
+def flux_inputs(seed: int = 1, image: int = 8, tokens: int = 5, batch: int = 1, config=None,
+                device=None, dtype=torch.float32):
+    """Latent ``image`` x ``image`` (tokens = (image/2)^2) and ``tokens`` text tokens."""
+    config = config or TINY_FLUX
+    gen = torch.Generator().manual_seed(seed)
+    tensors = dict(
+        x=torch.randn(batch, config["in_channels"], image, image, generator=gen),
+        t=torch.full((batch,), 0.5),
+        c_crossattn=torch.randn(batch, tokens, config["context_in_dim"], generator=gen),
+        y=torch.randn(batch, config["vec_in_dim"], generator=gen),
+        guidance=torch.full((batch,), 3.5),
+    )
+    return {k: v.to(device=device or "cpu", dtype=dtype) for k, v in tensors.items()}
+
+
 def _config(family: str) -> dict:
     """The family's unet_config, minus fields the running tree's params dataclass lacks."""
     config = dict(_CONFIGS[family][1])
@@ -119,19 +184,19 @@ def available(family: str) -> bool:
 def tiny_model(family: str, seed: int = 0):
     """A ModelPatcher around a random ``family`` model (CPU, fp32, 0.3M to 1.7M parameters)."""
     if family == "flux":
-        return selfcheck.tiny_flux(seed)
+        return tiny_flux(seed)
     import comfy.supported_models
 
     class_name, _ = _CONFIGS[family]
     model_config = getattr(comfy.supported_models, class_name)(_config(family))
     model_config.set_inference_dtype(torch.float32, None)
-    return selfcheck.random_patcher(model_config, seed)
+    return random_patcher(model_config, seed)
 
 
 def tiny_inputs(family: str, seed: int = 1, image: int = 8, tokens: int = 5) -> dict:
     """x, t and the apply_model keyword arguments ``family``'s diffusion model needs."""
     if family == "flux":
-        return selfcheck.flux_inputs(seed, image=image, tokens=tokens)
+        return flux_inputs(seed, image=image, tokens=tokens)
     if family == "pixart":
         # PixArt's sin-cos position grid divides by round(image / 64) * 64 // patch: >= 48 pixels
         image = max(image, 48)
@@ -146,38 +211,3 @@ def tiny_inputs(family: str, seed: int = 1, image: int = 8, tokens: int = 5) -> 
     if family in ("lumina2", "zimage"):
         inputs["num_tokens"] = tokens  # Lumina2's forward requires the caption length
     return inputs
-
-
-def family_lora(model, family: str, seed: int = 0, rank: int = 4, convention: str = "diffusers",
-                scale: float = 0.2) -> Dict[str, torch.Tensor]:
-    """A random LoRA on every 2-D weight that ``convention`` names in ComfyUI's key map.
-
-    Fused weights get their slices (to_q/to_k/to_v, ...), function tuples (swap_scale_shift)
-    their whole weight; each target gets one name only (load_lora keeps one patch per
-    target), and a weight reached through slices gets no whole-weight name too. For
-    "diffusers" the prefix is "transformer." where the key map has tuple targets under it,
-    else "diffusion_model." (ComfyUI 0.3.75 maps Lumina2's diffusers names only there).
-    ``family`` is unused beyond documentation: everything comes from the model's key map.
-    """
-    if convention == "diffusers":
-        targets = selfcheck.named_targets(model, "transformer.")
-        if not any(isinstance(t, tuple) for _, t, _ in targets):
-            targets = selfcheck.named_targets(model, "diffusion_model.") or targets
-    else:
-        targets = selfcheck.named_targets(model, selfcheck.CONVENTIONS[convention][0])
-    return selfcheck.random_lora(targets, convention, rank, seed, scale, one_name_per_target=True)
-
-
-def key_forms(loaded) -> Dict[str, int]:
-    """Counts of the key forms in ``comfy.lora.load_lora`` output: whole, slice, function."""
-    forms = dict(whole=0, slice=0, function=0)
-    for key in loaded:
-        if isinstance(key, str):
-            forms["whole"] += 1
-        elif len(key) > 2 and key[2] is not None:
-            forms["function"] += 1
-        elif key[1] is not None:
-            forms["slice"] += 1
-        else:
-            forms["whole"] += 1
-    return forms

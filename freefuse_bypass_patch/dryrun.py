@@ -2,7 +2,7 @@
 
 Works without any model file: the key map comes from a tiny model of the named family built
 by ComfyUI's own classes (Flux at its real depth of 19 + 38 blocks, so every block of a
-real Flux LoRA finds its key; other families at the tiny depth of families.py, so keys of
+real Flux LoRA finds its key; other families at the tiny depth of ``kit.models``, so keys of
 deeper blocks show up as "not matched").
 """
 
@@ -15,16 +15,15 @@ import torch
 
 from .hooks import lora_factors, weight_dependent
 from .keys import BypassKeyError, parse_target
+from .kit import LogCapture, key_forms, tiny_flux, tiny_model
 
 FLUX_DEV_DEPTH = dict(depth=19, depth_single_blocks=38)
 
 
 def key_map_model(family: str):
-    from . import families, selfcheck
-
     if family == "flux":
-        return selfcheck.tiny_flux(**FLUX_DEV_DEPTH)
-    return families.tiny_model(family)
+        return tiny_flux(**FLUX_DEV_DEPTH)
+    return tiny_model(family)
 
 
 def diagnose(model, lora: Dict[str, torch.Tensor], capabilities=None) -> dict:
@@ -32,9 +31,6 @@ def diagnose(model, lora: Dict[str, torch.Tensor], capabilities=None) -> dict:
     import comfy.lora
     import comfy.lora_convert
     from comfy.weight_adapter import WeightAdapterBase
-
-    from .families import key_forms
-    from .selfcheck import LogCapture
 
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     with LogCapture() as logs:

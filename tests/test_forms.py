@@ -12,7 +12,7 @@ import torch
 import comfy.sd
 
 from freefuse_bypass_patch import forms
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import REL_TOL
 
 
@@ -192,12 +192,10 @@ def _conv_lora(weight, kind, gen):
 @pytest.mark.parametrize("kind", ["locon", "locon-tucker", "lokr", "dora"])
 def test_conv_forms_match_merged(kind):
     """SD3's patch-embedding Conv2d: LoCon and LoKr in factored conv form; DoRA transient."""
-    from freefuse_bypass_patch import families
-
-    if not families.available("sd3"):
+    if not sc.available("sd3"):
         pytest.skip("this ComfyUI cannot build SD3")
-    base = families.tiny_model("sd3")
-    inputs = families.tiny_inputs("sd3")
+    base = sc.tiny_model("sd3")
+    inputs = sc.tiny_inputs("sd3")
     lora = _conv_lora(base.model.diffusion_model.x_embedder.proj.weight, kind, torch.Generator().manual_seed(140))
     merged = sc.forward(comfy.sd.load_lora_for_models(base, None, lora, 0.8, 0)[0], inputs)
     patcher, manager = sc.manager_bypass(base, [(lora, 0.8)])

@@ -14,7 +14,7 @@ import comfy.lora
 import comfy.sd
 
 import freefuse_bypass_patch as ffbp
-from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
@@ -175,12 +175,10 @@ def test_a_mask_that_fits_neither_tokens_nor_grid_names_both_shapes(setup, bad):
 
 
 def test_masks_refused_on_a_family_without_a_known_layout():
-    from freefuse_bypass_patch import families
-
-    if not families.available("lumina2"):
+    if not sc.available("lumina2"):
         pytest.skip("this ComfyUI cannot build Lumina2")
-    base = families.tiny_model("lumina2")
-    lora = families.family_lora(base.model, "lumina2")
+    base = sc.tiny_model("lumina2")
+    lora = sc.family_lora(base.model, "lumina2")
     m = comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)[0]
     with pytest.raises(ffbp.LoraMaskError, match="NextDiT|not supported"):
         ffbp.with_lora_masks(m, {0: torch.ones(4)})

@@ -107,19 +107,39 @@ def _out_rows(target: Target, weight_shape: Sequence[int]) -> Tuple[int, int]:
 def check_slot(slot: AdapterSlot, weight_shape: Sequence[int]) -> None:
     """Raise BypassKeyError, naming key, target and shapes, if the slot cannot fit its weight."""
     start, length = _out_rows(slot.target, weight_shape)
+    in_features = int(math.prod(weight_shape[1:]))
     factors = lora_factors(slot.adapter)
-    if factors is None:
+    if factors is not None:
+        up, down, _ = factors
+        if up.shape[1] != down.shape[0] or up.shape[0] != length or down.shape[1] != in_features:
+            raise BypassKeyError(
+                "LoRA key %r: up %s x down %s does not fit %s (needs (%d, r) x (r, %d); weight %s)"
+                % (slot.key, tuple(up.shape), tuple(down.shape), slot.target.describe(),
+                   length, in_features, tuple(weight_shape))
+            )
+    elif slot.target.function is None and len(weight_shape) == 2 and not is_trainable(slot.adapter) \
+            and (slot.target.offset is None or slot.target.offset[0] == 0):
+        _probe_form(slot, start, length, in_features, weight_shape)
+
+
+def _probe_form(slot: AdapterSlot, start: int, length: int, in_features: int, weight_shape) -> None:
+    """Build the slot's form on one zero token: a factor that does not fit fails here, at load,
+    with the key and the shapes, instead of inside a forward."""
+    cls = form_class(slot.adapter, length, in_features, True)
+    if cls is None:
         return
-    up, down, _ = factors
-    in_features = 1
-    for d in weight_shape[1:]:
-        in_features *= int(d)
-    if up.shape[1] != down.shape[0] or up.shape[0] != length or down.shape[1] != in_features:
-        raise BypassKeyError(
-            "LoRA key %r: up %s x down %s does not fit %s (needs (%d, r) x (r, %d); weight %s)"
-            % (slot.key, tuple(up.shape), tuple(down.shape), slot.target.describe(),
-               length, in_features, tuple(weight_shape))
-        )
+    try:
+        form = cls(slot.adapter, slot.strength, start, length, in_features, torch.device("cpu"))
+        if form.needs_weight:
+            form.prepare(lambda: iter([(0, in_features, torch.zeros(in_features, length))]))
+        term = form.contribution(torch.zeros(1, in_features), torch.zeros(1, length))
+        if tuple(term.shape) != (1, length):
+            raise ValueError("its term has shape %s" % (tuple(term.shape[1:]),))
+    except Exception as err:
+        shapes = ", ".join(str(tuple(t.shape)) for t in getattr(slot.adapter, "weights", ()) if isinstance(t, torch.Tensor))
+        raise BypassKeyError("%s key %r: factors %s do not fit %s (weight %s): %s"
+                             % (type(slot.adapter).__name__, slot.key, shapes, slot.target.describe(),
+                                tuple(weight_shape), err)) from None
 
 
 class _Grouped:

@@ -205,3 +205,22 @@ def test_conv_forms_match_merged(kind):
     expected = {"locon": forms.ConvLoRAForm, "locon-tucker": forms.ConvLoRAForm, "lokr": forms.ConvLoKrForm,
 }.get(kind)
     assert classes == ([expected] if expected else []) and transient == (0 if expected else 1)
+
+
+def test_factors_that_do_not_fit_are_refused_at_load_with_shapes(caplog):
+    """A LoHa whose second pair has the wrong width: refused when loaded, the rest applies."""
+    import logging
+
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    good = _variant_lora(base.model, "loha", "kohya", seed=150, limit=3)
+    bad = dict(good)
+    name = sorted({k.rsplit(".", 1)[0] for k in good})[0]
+    bad[name + ".hada_w2_b"] = torch.randn(2, 7)
+    patcher, manager = sc.manager_bypass(base, [(bad, 0.7)])
+    with caplog.at_level(logging.ERROR):
+        out = sc.forward(patcher, inputs)
+    assert "LoHaAdapter key" in caplog.text and "(2, 7)" in caplog.text
+    kept = {k: v for k, v in good.items() if not k.startswith(name + ".")}
+    merged = sc.forward(comfy.sd.load_lora_for_models(base, None, kept, 0.7, 0)[0], inputs)
+    assert sc.max_rel_diff(out, merged) <= REL_TOL

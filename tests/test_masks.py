@@ -204,3 +204,23 @@ def test_masks_with_non_lora_forms(setup):
     only_a = comfy.sd.load_bypass_lora_for_models(base, None, a, 1.0, 0)[0]
     assert sc.max_rel_diff(sc.forward(chained, inputs), sc.forward(only_a, inputs)) > 1e-3
     assert sc.max_rel_diff(sc.forward(zeros, inputs), sc.forward(only_a, inputs)) <= REL_TOL
+
+
+def test_sd3_image_side_modules_are_masked():
+    """SD3 (MMDiT): x_block modules see image tokens only; a zero mask removes a LoRA on them,
+    ones change nothing, and a half mask lands between."""
+    if not sc.available("sd3"):
+        pytest.skip("this ComfyUI cannot build SD3")
+    base = sc.tiny_model("sd3")
+    inputs = sc.tiny_inputs("sd3")
+    x_side = {k: v for k, v in sc.family_lora(base.model, "sd3", convention="kohya", seed=205).items()
+              if "_x_block_" in k and "adaLN" not in k}  # modulation acts on a vector, unmasked
+    assert x_side
+    m = comfy.sd.load_bypass_lora_for_models(base, None, x_side, 1.0, 0)[0]
+    grid = (inputs["x"].shape[-2] // 2, inputs["x"].shape[-1] // 2)
+    unmasked, base_out = sc.forward(m, inputs), sc.forward(base, inputs)
+    assert sc.max_rel_diff(unmasked, base_out) > 1e-3
+    ones = sc.forward(ffbp.with_lora_masks(m, {0: torch.ones(grid)}), inputs)
+    zeros = sc.forward(ffbp.with_lora_masks(m, {0: torch.zeros(grid)}), inputs)
+    assert sc.max_rel_diff(ones, unmasked) <= REL_TOL
+    assert sc.max_rel_diff(zeros, base_out) <= REL_TOL

@@ -3,7 +3,7 @@
     python benchmarks/adapter_overhead.py [--adapter all|lokr|loha|dora|oft|boft|glora[,...]]
         [--config cpu|dev|tiny] [--modes merged,stock,plugin] [--forwards N] [--comfyui PATH]
 
-A Flux built by ComfyUI's own classes (``selfcheck.tiny_flux``) gets ONE adapter of the
+A Flux built by ComfyUI's own classes (``kit.tiny_flux``) gets ONE adapter of the
 given type on every attention/MLP linear (the ``ATTN_MLP`` targets of bypass_overhead.py),
 named with kohya names (``lora_unet_double_blocks_0_img_attn_qkv``): plain string keys on
 the whole fused weight, which stock bypass applies too, so the comparison with stock is
@@ -57,10 +57,7 @@ sys.path[:0] = [ROOT, HERE]
 
 from bypass_overhead import ATTN_MLP  # noqa: E402  (same targets as the LoRA benchmark)
 
-try:  # the helpers move to a package; the function names stay
-    from freefuse_bypass_patch import kit as sc
-except ImportError:
-    from freefuse_bypass_patch import selfcheck as sc
+from freefuse_bypass_patch import kit as sc  # noqa: E402
 
 CONFIGS = {
     "cpu": dict(model=dict(hidden_size=1024, num_heads=8, depth=2, depth_single_blocks=2, context_in_dim=512,

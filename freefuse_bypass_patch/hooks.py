@@ -158,29 +158,40 @@ class _Grouped:
 
     def __init__(self, entries: Sequence[Tuple[int, int, torch.Tensor, torch.Tensor, int]], out_features: int,
                  dtype, block_diagonal: bool):
-        by_rows: Dict[Tuple[int, int], list] = {}
-        for start, length, up, down, lora in entries:
-            by_rows.setdefault((start, length), []).append((up, down, lora))
-        downs, plan, columns, rank_end = [], [], [], 0
-        for (start, length), members in by_rows.items():
-            ups, rank_start = [], rank_end
-            for up, down, lora in members:
+        rows = {(start, length) for start, length, _, _, _ in entries}
+        downs, columns, rank_end = [], [], 0
+        if block_diagonal or rows == {(0, out_features)}:
+            # any column order works here: each LoRA's columns adjacent, one mask multiply per LoRA
+            ordered = sorted(entries, key=lambda entry: entry[4])
+            full = torch.zeros(sum(e[3].shape[0] for e in entries), out_features, device=entries[0][3].device)
+            for start, length, up, down, lora in ordered:
+                full[rank_end:rank_end + down.shape[0], start:start + length] = up.t()
                 downs.append(down)
-                ups.append(up)
                 columns.append((rank_end, rank_end + down.shape[0], lora))
                 rank_end += down.shape[0]
-            plan.append((start, length, rank_start, rank_end, torch.cat(ups, dim=1).t()))
-        self.columns = tuple(columns)
-        self.down_t = torch.cat(downs, dim=0).t().contiguous().to(dtype)
-        if block_diagonal or (len(plan) == 1 and plan[0][1] == out_features):
-            full = torch.zeros(rank_end, out_features, device=downs[0].device, dtype=torch.float32)
-            for start, length, r0, r1, up_t in plan:
-                full[r0:r1, start:start + length] = up_t
-            self.up_full_t = full.to(dtype)
-            self.plan = ()
+            self.up_full_t, self.plan = full.to(dtype), ()
         else:
-            self.up_full_t = None
-            self.plan = tuple((s, n, r0, r1, up_t.contiguous().to(dtype)) for s, n, r0, r1, up_t in plan)
+            by_rows: Dict[Tuple[int, int], list] = {}
+            for start, length, up, down, lora in entries:
+                by_rows.setdefault((start, length), []).append((up, down, lora))
+            plan = []
+            for (start, length), members in by_rows.items():
+                rank_start = rank_end
+                for up, down, lora in members:
+                    downs.append(down)
+                    columns.append((rank_end, rank_end + down.shape[0], lora))
+                    rank_end += down.shape[0]
+                up_t = torch.cat([up for up, _, _ in members], dim=1).t()
+                plan.append((start, length, rank_start, rank_end, up_t.contiguous().to(dtype)))
+            self.up_full_t, self.plan = None, tuple(plan)
+        merged: List[Tuple[int, int, int]] = []
+        for r0, r1, lora in columns:  # adjacent ranges of one LoRA become one
+            if merged and merged[-1][2] == lora and merged[-1][1] == r0:
+                merged[-1] = (merged[-1][0], r1, lora)
+            else:
+                merged.append((r0, r1, lora))
+        self.columns = tuple(merged)
+        self.down_t = torch.cat(downs, dim=0).t().contiguous().to(dtype)
 
     def add_(self, x2: torch.Tensor, out2: torch.Tensor, masks: Optional["LoraMasks"] = None) -> None:
         """out2 += every form's term; with masks, each LoRA's rank columns scaled per token first."""

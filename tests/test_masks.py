@@ -96,8 +96,12 @@ def test_names_and_masks_of_ones_equal_the_unmasked_chain(setup):
     assert sc.max_rel_diff(sc.forward(ones, inputs), sc.forward(chained, inputs)) <= REL_TOL
 
 
-@pytest.mark.parametrize("shape", ["tokens", "grid", "batch"])
-def test_complementary_halves_equal_a_per_lora_reference(setup, shape):
+@pytest.mark.parametrize("shape,layout", [("tokens", "auto"), ("grid", "auto"), ("batch", "auto"), ("grid", "block")])
+def test_complementary_halves_equal_a_per_lora_reference(setup, shape, layout, monkeypatch):
+    """Both up-projection layouts: per slice (CPU) and block-diagonal (CUDA, columns by LoRA)."""
+    from freefuse_bypass_patch.hooks import FusedBypassHook
+
+    monkeypatch.setattr(FusedBypassHook, "layout", layout)
     base, inputs, a, b = setup
     left = torch.zeros(4, 4)
     left[:, :2] = 1.0

@@ -408,8 +408,9 @@ def effective_columns(weight32: Callable[[int, int], torch.Tensor], in_features:
     def gen():
         for c0 in range(0, in_features, chunk):
             c1 = min(in_features, c0 + chunk)
-            y = weight32(c0, c1).t().contiguous()  # (cols, out): the output for each unit input
-            if earlier:
+            y = weight32(c0, c1).t()  # (cols, out): the output for each unit input
+            if earlier:  # a copy: earlier forms add into it, and it may be a view of the weight itself
+                y = y.clone(memory_format=torch.contiguous_format)
                 eye = torch.zeros(c1 - c0, in_features, device=y.device)
                 eye[:, c0:c1] = torch.eye(c1 - c0, device=y.device)
                 for form in earlier:

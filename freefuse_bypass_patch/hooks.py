@@ -130,8 +130,8 @@ def _probe_form(slot: AdapterSlot, start: int, length: int, in_features: int, we
         return
     try:
         form = cls(slot.adapter, slot.strength, start, length, in_features, torch.device("cpu"))
-        if form.needs_weight:
-            form.prepare(lambda: iter([(0, in_features, torch.zeros(in_features, length))]))
+        if form.needs_weight:  # one zero column of the weight: shapes checked, no full-size work
+            form.prepare(lambda: iter([(0, 1, torch.zeros(1, length))]))
         term = form.contribution(torch.zeros(1, in_features), torch.zeros(1, length))
         if tuple(term.shape) != (1, length):
             raise ValueError("its term has shape %s" % (tuple(term.shape[1:]),))

@@ -249,10 +249,15 @@ class OFTForm(Form):
         self.r = _cayley(_t(blocks, device), 0 if alpha is None else alpha)
         self.eye = torch.eye(self.r.shape[-1], device=device)
 
+    def _rotate(self, y, scale: float):
+        m = (self.r - self.eye) * scale
+        return torch.einsum("...kn,knm->...km", y.unflatten(-1, (m.shape[0], m.shape[1])), m).flatten(-2)
+
     def diff(self, x, y):
-        m = self.r * self.strength - self.eye * self.strength  # the merge code puts strength here too
-        blocks = y.unflatten(-1, (m.shape[0], m.shape[1]))
-        return torch.einsum("...kn,knm->...km", blocks, m).flatten(-2)
+        return self._rotate(y, self.strength)  # the merge code puts strength inside the diff too
+
+    def contribution(self, x, y):
+        return self._rotate(y, self.strength * self.strength)
 
 
 class BOFTForm(Form):

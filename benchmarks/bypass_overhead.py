@@ -1,6 +1,6 @@
 """Bypass LoRA overhead, measured side by side in one process on a Flux built by ComfyUI.
 
-    python benchmarks/bypass_overhead.py [--comfyui PATH] [--config small|dev|dev512] [--rounds N]
+    python benchmarks/bypass_overhead.py [--comfyui PATH] [--config small|dev|dev512] [--rounds N] [--masks]
 
 Modes: base; merged LoRA (the reference); ComfyUI's stock bypass with a kohya LoRA (one
 hook per module, the one stock case that works); this plugin with 1, 2 and 3 chained
@@ -8,6 +8,9 @@ diffusers LoRAs; and a naive per-adapter hook (zeros_like(output) per adapter, t
 slice add, as FreeFuse's private loader does) with 1 and 3 LoRAs. Prints the median ms per
 diffusion-model forward, its spread, the ratio to merged, the extra peak memory per forward
 (CUDA), and the time to attach a LoRA (loader call + ComfyUI load) for merged vs bypass.
+With ``--masks``: two chained LoRAs with complementary left/right token masks (the plugin,
+masked in rank space; and a naive per-adapter hook that multiplies its full-size delta by
+the mask), against merged with the same two LoRAs, and the issue's targets for that ratio.
 
 It also prints the memory-traffic floor of any bypass done by a forward hook: the hook
 sees the finished output, so it must read and write every hooked output once more and
@@ -42,27 +45,43 @@ CONFIGS = {
 }
 CONFIGS["dev512"] = dict(CONFIGS["dev"], image=64)
 
+# Issue 10's targets for "plugin, 2 LoRAs, masked" / "merged, 2 LoRAs".
+MASK_TARGETS = {"small": 1.12, "dev": 1.10}
+
 # What a typical trainer (ai-toolkit, kohya defaults) targets on Flux: attention and MLP
 # linears of every block; 131M parameters at rank 32 on Flux.1-dev, 228 hooked modules.
 ATTN_MLP = re.compile(r"\.(img_attn\.qkv|img_attn\.proj|txt_attn\.qkv|txt_attn\.proj|img_mlp\.\d|txt_mlp\.\d|linear1|linear2)\.weight$")
 
 
 class NaiveHooks:
-    """The comparison: one forward hook per adapter, each allocating a full-size zero delta."""
+    """The comparison: one forward hook per adapter, each allocating a full-size zero delta.
 
-    def __init__(self, model, loaded, strength, device, dtype):
+    With ``mask`` ((N_img,)), the delta of modules that see image tokens is multiplied by it
+    per token (text tokens of the single blocks by one), as FreeFuse's private loader does.
+    """
+
+    def __init__(self, model, loaded, strength, device, dtype, mask=None, text_tokens=0):
+        from freefuse_bypass_patch.masks import module_role
+
         self.entries = []
         for key, adapter in loaded.items():
             weight_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
             up, down, alpha = adapter.weights[0], adapter.weights[1], adapter.weights[2]
             scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
-            module = model.get_submodule(weight_key[: -len(".weight")])
-            self.entries.append((module, up.to(device, dtype), down.to(device, dtype), scale, offset))
+            path = weight_key[: -len(".weight")]
+            module = model.get_submodule(path)
+            role = module_role(path.replace("diffusion_model.", "", 1), "flux") if mask is not None else None
+            token_mask = None
+            if role is not None:
+                before = text_tokens if role == "joint" else 0
+                token_mask = mask.to(device, dtype)
+                token_mask = torch.cat([token_mask.new_ones(before), token_mask])[None, :, None]
+            self.entries.append((module, up.to(device, dtype), down.to(device, dtype), scale, offset, token_mask))
         self.handles = []
 
     def inject(self, patcher=None):
-        for module, up, down, scale, offset in self.entries:
-            self.handles.append(module.register_forward_hook(self._make(up, down, scale, offset)))
+        for module, up, down, scale, offset, token_mask in self.entries:
+            self.handles.append(module.register_forward_hook(self._make(up, down, scale, offset, token_mask)))
 
     def eject(self, patcher=None):
         for h in self.handles:
@@ -70,7 +89,7 @@ class NaiveHooks:
         self.handles = []
 
     @staticmethod
-    def _make(up, down, scale, offset):
+    def _make(up, down, scale, offset, token_mask=None):
         def hook(module, args, out):
             h = F.linear(F.linear(args[0], down), up) * scale
             delta = torch.zeros_like(out)
@@ -78,6 +97,8 @@ class NaiveHooks:
                 delta += h
             else:
                 delta[..., offset[1]:offset[1] + offset[2]] = h
+            if token_mask is not None:
+                delta = delta * token_mask
             return out + delta
         return hook
 
@@ -95,7 +116,10 @@ def main():
     parser.add_argument("--layout", choices=["auto", "block", "sliced"], default="auto",
                         help="plugin's up-projection layout (see hooks._Grouped)")
     parser.add_argument("--modes", help="comma-separated substrings: time only the modes that contain one "
-                        "(merged with 1 LoRA, the reference, always runs), e.g. 'plugin,stock'")
+                        "(merged, the reference, always runs), e.g. 'plugin,stock'")
+    parser.add_argument("--masks", action="store_true",
+                        help="also two LoRAs with complementary left/right token masks (plugin and naive hook) "
+                        "against merged with two LoRAs")
     parser.add_argument("--profile", action="store_true",
                         help="also print the top kernels of one forward of merged, stock bypass and plugin")
     args = parser.parse_args()
@@ -151,12 +175,18 @@ def main():
         mm.unload_all_models()
         return patcher, elapsed
 
-    def naive(n):
+    grid = cfg["image"] // 2
+    left = torch.zeros(grid, grid, device=device)
+    left[:, : grid // 2] = 1.0
+    half_masks = [left.flatten(), 1.0 - left.flatten()]
+
+    def naive(n, masked=False):
         patcher = base.clone()
         key_map = comfy.lora.model_lora_keys_unet(model, {})
         injections = []
-        for sd in loras[:n]:
-            hooks = NaiveHooks(model, comfy.lora.load_lora(dict(sd), key_map), 1.0, device, dtype)
+        for i, sd in enumerate(loras[:n]):
+            hooks = NaiveHooks(model, comfy.lora.load_lora(dict(sd), key_map), 1.0, device, dtype,
+                               mask=half_masks[i] if masked else None, text_tokens=cfg["tokens"])
             injections.append(PatcherInjection(inject=hooks.inject, eject=hooks.eject))
         patcher.set_injections("naive", injections)
         return patcher
@@ -175,12 +205,18 @@ def main():
     modes["plugin, 3 LoRAs"], _ = attach(lambda: sc.chain(bypass, base, [(l, 1.0) for l in loras]))
     modes["naive hook, 1 LoRA"], _ = attach(lambda: naive(1))
     modes["naive hook, 3 LoRAs"], _ = attach(lambda: naive(3))
+    if args.masks:
+        modes["merged, 2 LoRAs"], _ = attach(lambda: sc.chain(merged, base, [(l, 1.0) for l in loras[:2]]))
+        modes["plugin, 2 LoRAs, masked"], _ = attach(lambda: ffbp.with_lora_masks(
+            sc.chain(bypass, base, [(l, 1.0) for l in loras[:2]]), {0: half_masks[0], 1: half_masks[1]}))
+        modes["naive masked hook, 2 LoRAs"], _ = attach(lambda: naive(2, masked=True))
     x, t = inputs["x"], inputs["t"]
     rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
     floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], x, t, rest, mm)
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
-        modes = {k: v for k, v in modes.items() if k == "merged, 1 LoRA" or any(w in k for w in wanted)}
+        references = ("merged, 1 LoRA", "merged, 2 LoRAs")
+        modes = {k: v for k, v in modes.items() if k in references or any(w in k for w in wanted)}
 
     times = {name: [] for name in modes}
     peaks = {name: [] for name in modes}
@@ -208,15 +244,22 @@ def main():
 
     ref = statistics.median(times["merged, 1 LoRA"])
     base_peak = max(peaks["base"]) if peaks.get("base") else 0
-    print("\n%-22s %10s %9s %10s %16s" % ("mode", "median ms", "IQR %", "x merged", "extra peak MiB"))
+    width = max([22] + [len(name) for name in modes])
+    print("\n%-*s %10s %9s %10s %16s" % (width, "mode", "median ms", "IQR %", "x merged", "extra peak MiB"))
     for name in modes:
         med = statistics.median(times[name])
         q1, _, q3 = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else (med, med, med)
         extra = "%.1f" % ((max(peaks[name]) - base_peak) / 2**20) if peaks[name] else "n/a (cpu)"
-        print("%-22s %10.2f %9.1f %10.3f %16s" % (name, med * 1e3, 100 * (q3 - q1) / med, med / ref, extra))
+        print("%-*s %10.2f %9.1f %10.3f %16s" % (width, name, med * 1e3, 100 * (q3 - q1) / med, med / ref, extra))
     if "naive hook, 3 LoRAs" in times and "plugin, 3 LoRAs" in times:
         naive3, plugin3 = statistics.median(times["naive hook, 3 LoRAs"]), statistics.median(times["plugin, 3 LoRAs"])
         print("\nnaive hook / plugin with 3 LoRAs: %.2fx" % (naive3 / plugin3))
+    if "plugin, 2 LoRAs, masked" in times:
+        ratio = statistics.median(times["plugin, 2 LoRAs, masked"]) / statistics.median(times["merged, 2 LoRAs"])
+        target = MASK_TARGETS.get(args.config)
+        verdict = ("target <= %.2fx: %s" % (target, "PASS" if ratio <= target else "MISS")) if target else \
+            "no target for this config"
+        print("masked / merged with 2 LoRAs: %.3fx (%s)" % (ratio, verdict))
     bandwidth = measured_bandwidth(device, dtype)
     floor = floor_bytes / bandwidth
     print("forward-hook traffic floor (1 LoRA): %.2f GB per forward (hooked outputs read + written, inputs read)"

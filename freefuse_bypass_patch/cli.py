@@ -22,7 +22,14 @@ def main(argv=None) -> int:
     check.add_argument("--model", default="flux", help="model family: flux, chroma, flux2, sd3, pixart, "
                                                       "lumina2, zimage, auraflow (default: flux)")
     check.add_argument("--rank", type=int, default=4)
+    check.add_argument("--masks", action="store_true", help="two LoRAs with left/right token masks on a tiny "
+                       "Flux: a PNG of where each acts (--out, default freefuse_masks.png)")
+    check.add_argument("--out", default="freefuse_masks.png", help="the PNG written by --masks")
     args = parser.parse_args(argv)
+    if getattr(args, "masks", False):
+        from .maskview import run
+
+        return run(args.comfyui, args.out)
     return run_check(args.comfyui, args.lora, args.rank, args.model)
 
 

@@ -1,7 +1,7 @@
 """The package's imports point one way, and ComfyUI start-up never loads the test kit.
 
 Runtime: keys -> hooks -> manager -> loader -> wrappers -> patching -> __init__.
-Self-check side: kit (comfyui, models, loras, compare) -> dryrun -> cli -> __main__.
+Self-check side: kit (comfyui, models, loras, compare) -> dryrun, maskview -> cli -> __main__.
 """
 
 import ast
@@ -12,7 +12,7 @@ from support import ROOT, TREE, run_python
 
 PKG = os.path.join(ROOT, "freefuse_bypass_patch")
 RUNTIME = {"__init__", "keys", "hooks", "manager", "loader", "wrappers", "patching"}
-SELF_CHECK = ("kit", "dryrun", "cli")
+SELF_CHECK = ("kit", "dryrun", "maskview", "cli")
 
 
 def _module_name(path):

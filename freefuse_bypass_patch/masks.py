@@ -103,7 +103,7 @@ def set_lora_masks(patcher, masks: Mapping[MaskKey, Optional[torch.Tensor]]) -> 
         if not isinstance(mask, torch.Tensor) or mask.dim() not in (1, 2) or mask.numel() == 0:
             raise LoraMaskError("mask for LoRA %r: expected a tensor of shape (N_img,), (B, N_img) or "
                                 "(H_tok, W_tok), got %s" % (names[position], _shape(mask)))
-        current[position] = mask.detach().to(torch.float32)
+        current[position] = mask.detach().to(torch.float32, copy=True)  # the caller may reuse its tensor
     if current:
         layout = token_layout(patcher.model.diffusion_model)
         if layout is None:

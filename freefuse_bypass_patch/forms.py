@@ -261,32 +261,49 @@ class OFTForm(Form):
 
 
 class BOFTForm(Form):
-    """BOFT: the butterfly product of block rotations applied to the output rows, as merged applies it to W."""
+    """BOFT: butterfly stages of block rotations on the output rows, as merged applies them to W.
+
+    Stage i mixes rows only within contiguous groups of 2^i·b rows, so the whole product is
+    block-diagonal in groups of G = 2^(m-1)·b: its G×G blocks (rescale folded in) are built
+    once from unit vectors and applied like OFT's. For a large G they would approach the
+    weight's size, so the stages are then applied one by one in each forward.
+    """
 
     reads_output = True
+    max_group = 512
 
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
         blocks, rescale, alpha = adapter.weights[:3]
-        self.r = _cayley(_t(blocks, device), alpha)
-        self.eye = torch.eye(self.r.shape[-1], device=device)
+        r = _cayley(_t(blocks, device), alpha)
+        if self.strength != 1:  # the merge code interpolates every stage
+            r = r * self.strength + (1 - self.strength) * torch.eye(r.shape[-1], device=device)
+        self.group = 2 ** (r.shape[0] - 1) * r.shape[-1]
         self.rescale = None if rescale is None else _t(rescale, device).flatten()
+        self.r = self.blocks = None
+        if self.group <= self.max_group and length % self.group == 0:
+            units = torch.eye(self.group, device=device).repeat(length // self.group, 1)
+            composite = _butterfly(r, units, self.rescale).unflatten(0, (-1, self.group))  # (groups, G, G)
+            self.blocks = composite - torch.eye(self.group, device=device)
+            self.rescale = None
+        else:
+            self.r = r
 
     def diff(self, x, y):
-        stages, _, size = self.r.shape[:3]
-        half = size // 2
-        inp = y.t()  # rows first, as the merge code sees the weight
-        for i in range(stages):
-            bi = self.r[i]
-            if self.strength != 1:
-                bi = bi * self.strength + (1 - self.strength) * self.eye
-            k = 2 ** i * half
-            inp = inp.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, size))
-            inp = torch.einsum("b i j, b j ...-> b i ...", bi, inp)
-            inp = inp.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
-        if self.rescale is not None:
-            inp = inp * self.rescale[:, None]
-        return (inp - y.t()).t()
+        if self.blocks is not None:
+            return torch.einsum("...kj,kij->...ki", y.unflatten(-1, (-1, self.group)), self.blocks).flatten(-2)
+        return (_butterfly(self.r, y.t(), self.rescale) - y.t()).t()
+
+
+def _butterfly(r: torch.Tensor, rows: torch.Tensor, rescale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The merge code's butterfly stages applied to ``rows`` (out, ...), rows first."""
+    size = r.shape[-1]
+    for i in range(r.shape[0]):
+        k = 2 ** i * (size // 2)
+        rows = rows.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, size))
+        rows = torch.einsum("b i j, b j ...-> b i ...", r[i], rows)
+        rows = rows.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    return rows if rescale is None else rows * rescale[:, None]
 
 
 def _cayley(blocks: torch.Tensor, alpha) -> torch.Tensor:

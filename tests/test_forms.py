@@ -224,3 +224,16 @@ def test_factors_that_do_not_fit_are_refused_at_load_with_shapes(caplog):
     kept = {k: v for k, v in good.items() if not k.startswith(name + ".")}
     merged = sc.forward(comfy.sd.load_lora_for_models(base, None, kept, 0.7, 0)[0], inputs)
     assert sc.max_rel_diff(out, merged) <= REL_TOL
+
+
+@pytest.mark.parametrize("max_group", [512, 16])
+def test_boft_composite_blocks_and_stage_by_stage_agree_with_merged(max_group, monkeypatch):
+    """BOFT as one block-diagonal map of 2^(m-1)·b groups, or (groups too large) stage by stage."""
+    monkeypatch.setattr(forms.BOFTForm, "max_group", max_group)
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    lora = _variant_lora(base.model, "boft", "onetrainer", seed=160)
+    rel, _, manager = _compare(base, inputs, [(lora, 0.6)])
+    assert rel <= REL_TOL
+    built = [seg[1] for h in manager.hooks for seg in h._build(torch.device("cpu"), torch.float32, False).segments]
+    assert built and all((f.blocks is not None) == (max_group == 512) for f in built)

@@ -12,9 +12,10 @@ slice or the whole weight) and is built for one (device, dtype):
 * forms with ``needs_weight`` read the weight they patch once, in ``prepare``, from column
   chunks of the effective weight (transient), and keep one vector or an (out, r) matrix.
 
-An adapter with no form here (conv beyond LoCon, LoRA ``reshape``, diff functions, slices on
-another axis, DoRA on the input axis, Tucker LoHa, unknown types) returns ``None`` from
-:func:`form_class`; the hook then forms its delta transiently, one module at a time.
+Convs have their own forms for plain LoCon and LoKr (:func:`conv_form_class`). An adapter
+with no form here (other conv adapters, LoRA ``reshape``, diff functions, slices on another
+axis, DoRA on the input axis, Tucker LoHa/LoKr, unknown types) gets ``None``; the hook then
+forms its delta transiently, one module at a time.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """freefuse_bypass_patch: ComfyUI bypass LoRA that gives the merged result on fused weights.
 
 Importing this package patches ComfyUI (now, or when ``comfy.sd`` is imported), unless
-``FREEFUSE_BYPASS_PATCH_DISABLE=1``. The same folder works as a ComfyUI custom node: it
-registers no nodes. Import never raises.
+``FREEFUSE_BYPASS_PATCH_DISABLE=1``. The repository root is the ComfyUI custom node (its
+``__init__.py`` imports this package); no nodes are registered. Import never raises.
 """
 
 import logging as _logging
-
-__version__ = "0.1.0"
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
@@ -21,5 +19,14 @@ else:
         install()
     except Exception as _err:
         _logging.getLogger(__name__).warning("[freefuse_bypass_patch] not installed: %s: %s", type(_err).__name__, _err)
+
+
+def __getattr__(name):
+    if name == "__version__":  # from pyproject.toml, read on first use (see _version.py)
+        from ._version import version
+
+        return version()
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
 
 __all__ = ["install", "uninstall", "is_patched", "capabilities", "NODE_CLASS_MAPPINGS", "__version__"]

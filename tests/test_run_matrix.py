@@ -17,7 +17,7 @@ def one_tree(monkeypatch):
     monkeypatch.setattr(run_matrix, "find_trees", lambda: ([("/trees/a", "COMFYUI_PATHS")], []))
     monkeypatch.setattr(run_matrix, "tree_version", lambda tree: PINS[0])
     counts = {"passed": 3, "failed": 0, "skipped": 1, "error": 0}
-    monkeypatch.setattr(run_matrix, "run_tree", lambda tree, args: (True, counts, 1.0, 0))
+    monkeypatch.setattr(run_matrix, "run_tree", lambda tree, args: (True, counts, 1.0, 0, ""))
 
 
 @pytest.mark.parametrize("ci", ["true", ""])
@@ -39,7 +39,7 @@ def test_all_pins_present_pass_in_ci(monkeypatch, capsys):
     monkeypatch.setattr(run_matrix, "find_trees", lambda: ([("/trees/" + v, "COMFYUI_PATHS") for v in PINS], []))
     monkeypatch.setattr(run_matrix, "tree_version", lambda tree: os.path.basename(tree))
     counts = {"passed": 1, "failed": 0, "skipped": 0, "error": 0}
-    monkeypatch.setattr(run_matrix, "run_tree", lambda tree, args: (True, counts, 1.0, 0))
+    monkeypatch.setattr(run_matrix, "run_tree", lambda tree, args: (True, counts, 1.0, 0, ""))
     assert run_matrix.main([]) == 0
     assert "absent: none" in capsys.readouterr().out
 

@@ -1,13 +1,11 @@
 """freefuse_bypass_patch: ComfyUI bypass LoRA that gives the merged result on fused weights.
 
 Importing this package patches ComfyUI (now, or when ``comfy.sd`` is imported), unless
-``FREEFUSE_BYPASS_PATCH_DISABLE=1``. The same folder works as a ComfyUI custom node: it
-registers no nodes. Import never raises.
+``FREEFUSE_BYPASS_PATCH_DISABLE=1``. The repository root is the ComfyUI custom node (its
+``__init__.py`` imports this package); no nodes are registered. Import never raises.
 """
 
 import logging as _logging
-
-__version__ = "0.1.0"
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
@@ -26,7 +24,12 @@ _MASK_API = ("bypass_loras", "with_lora_masks", "set_lora_masks", "lora_masks", 
 
 
 def __getattr__(name):
-    """The mask API, imported on first use: importing the package (sitecustomize, .pth) stays light."""
+    """``__version__`` and the mask API, on first use: importing the package (sitecustomize,
+    the ``enable`` .pth) stays light."""
+    if name == "__version__":  # from pyproject.toml (see _version.py)
+        from ._version import version
+
+        return version()
     if name in _MASK_API:
         from . import masks
 

@@ -1,14 +1,18 @@
-"""The command line: ``python -m freefuse_bypass_patch check [--comfyui PATH] [--lora FILE]``.
+"""The command line: ``python -m freefuse_bypass_patch check|enable|disable|status``.
 
-Parsing is cheap; the test kit (torch, ComfyUI) is imported only by the command that needs it.
+Parsing is cheap; the test kit (torch, ComfyUI) is imported only by the commands that need it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import re
 from typing import Optional
+
+from . import autoactivate
 
 
 def main(argv=None) -> int:
@@ -25,12 +29,115 @@ def main(argv=None) -> int:
     check.add_argument("--masks", action="store_true", help="two LoRAs with left/right token masks on a tiny "
                        "Flux: a PNG of where each acts (--out, default freefuse_masks.png)")
     check.add_argument("--out", default="freefuse_masks.png", help="the PNG written by --masks")
+    site_help = "site-packages folder to use (default: this interpreter's, %s)" % autoactivate.site_packages()
+    for name, text in (("enable", "patch ComfyUI in every interpreter of this environment (writes a .pth file)"),
+                       ("disable", "remove the .pth file that enable wrote"),
+                       ("status", "enabled or not, which ComfyUI is found, what is patched")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--site-packages", help=site_help)
+    sub.choices["status"].add_argument("--comfyui", help="ComfyUI tree (default: the importable comfy package)")
     args = parser.parse_args(argv)
-    if getattr(args, "masks", False):
+    if args.command == "check" and args.masks:
         from .maskview import run
 
         return run(args.comfyui, args.out)
-    return run_check(args.comfyui, args.lora, args.rank, args.model)
+    if args.command == "check":
+        return run_check(args.comfyui, args.lora, args.rank, args.model)
+    if args.command == "status":
+        return run_status(args.site_packages, args.comfyui)
+    return run_enable(args.site_packages) if args.command == "enable" else run_disable(args.site_packages)
+
+
+def run_enable(site: Optional[str]) -> int:
+    try:
+        path = autoactivate.enable(site)
+    except autoactivate.ForeignFile as err:
+        print("not enabled: %s was not written by this plugin; it is left as it is" % err)
+        return 1
+    except OSError as err:  # e.g. a system site-packages without write access
+        print("not enabled: %s" % err)
+        return 1
+    print("enabled: %s" % path)
+    print("every interpreter of this environment now patches ComfyUI when it imports comfy.sd")
+    if not _installed_in(autoactivate.site_packages(site)):
+        print("note: freefuse_bypass_patch is not pip-installed in %s; interpreters that cannot import it "
+              "are left alone" % autoactivate.site_packages(site))
+    return 0
+
+
+def run_disable(site: Optional[str]) -> int:
+    try:
+        path = autoactivate.disable(site)
+    except autoactivate.ForeignFile as err:
+        print("not removed: %s was not written by this plugin" % err)
+        return 1
+    except OSError as err:
+        print("not removed: %s" % err)
+        return 1
+    print("disabled: removed %s" % path if path else "not enabled: no %s" % autoactivate.pth_path(site))
+    return 0
+
+
+def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
+    """Enabled or not, the package, the ComfyUI found (imported, in CPU mode) and what is patched."""
+    from . import __version__
+    from .patching import DISABLE_ENV, MANAGER_METHODS, capabilities, comfyui_version, disabled_by_env, is_patched
+
+    path, state = autoactivate.pth_path(site), autoactivate.state(site)
+    print("autoactivate: " + {"enabled": "enabled (%s)", "disabled": "not enabled (no %s)",
+                              "foreign": "not enabled (%s exists but was not written by this plugin)"}[state] % path)
+    print("package: freefuse_bypass_patch %s at %s" % (__version__, os.path.dirname(os.path.abspath(__file__))))
+    if disabled_by_env():
+        print("%s is set: the plugin patches nothing" % DISABLE_ENV)
+    origin = "--comfyui" if comfyui else "importable comfy"
+    comfyui = os.path.abspath(comfyui) if comfyui else _importable_comfyui()
+    if comfyui is None:
+        print("ComfyUI: none found (no importable comfy package; pass --comfyui PATH)")
+        return 0
+    from .kit import use_comfyui
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.ERROR)  # ComfyUI is chatty on import
+    try:
+        use_comfyui(comfyui)
+        import comfy.sd  # noqa: F401  (the plugin patches, or decides to stay inert, on this import)
+    except Exception as err:
+        print("ComfyUI at %s (%s) does not import: %s: %s" % (comfyui, origin, type(err).__name__, err))
+        return 1
+    caps = capabilities()
+    print("ComfyUI: %s at %s (%s)" % (comfyui_version(), comfyui, origin))
+    if is_patched():
+        methods = ", ".join("BypassInjectionManager.%s" % m for m in MANAGER_METHODS)
+        print("patched: yes: comfy.sd.load_bypass_lora_for_models, %s" % methods)
+    elif caps is None:
+        print("patched: no (%s)" % ("switched off by " + DISABLE_ENV if disabled_by_env() else "not installed"))
+    elif not caps.bypass_module:
+        print("patched: no: this ComfyUI has no bypass mode (nothing to fix)")
+    else:
+        print("patched: no: %s" % "; ".join(caps.problems))
+    if caps is not None:
+        fields = ("bypass_module", "loader_known", "manager_known", "native_offsets", "native_stacking",
+                  "native_chaining")
+        print("capabilities: " + " ".join("%s=%s" % (f, getattr(caps, f)) for f in fields))
+    return 0
+
+
+def _importable_comfyui() -> Optional[str]:
+    """The folder that holds the importable ``comfy`` package, found without importing it."""
+    spec = importlib.util.find_spec("comfy")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
+
+
+def _installed_in(site: str) -> bool:
+    from importlib.metadata import distributions
+
+    from ._version import DIST
+
+    normal = lambda name: re.sub(r"[-_.]+", "-", name or "").lower()  # noqa: E731 (PEP 503 names)
+    return any(normal(d.metadata["Name"]) == normal(DIST) for d in distributions(path=[site]))
 
 
 def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4, family: str = "flux") -> int:

@@ -1,22 +1,36 @@
 """One bypass-vs-merged scenario in a fresh process, activated one of three ways.
 
-Run by tests/test_activation.py: ``python tests/scenario.py ACTIVATION COMFYUI_TREE`` with
-ACTIVATION in {explicit, sitecustomize, custom_nodes}; prints one JSON line. The plugin's
+Run by tests/test_activation.py and tests/test_install.py: ``python tests/scenario.py
+ACTIVATION COMFYUI_TREE [FOLDER_NAME [preloaded]]`` with ACTIVATION in {explicit,
+sitecustomize, custom_nodes}; prints one JSON line. custom_nodes copies the repository, as
+a clone lays it out, into ``custom_nodes/FOLDER_NAME`` of a temporary folder and loads it
+with the tree's own loader (``preloaded``: after importing the package, as ``enable`` does). The plugin's
 test kit is loaded from its folder under a name of its own, not as part of the package, so
 that importing it does not activate the plugin (custom_nodes must be activated by ComfyUI's
 own loader).
 """
 
 import asyncio
+import atexit
 import importlib.util
 import json
+import logging
 import os
+import shutil
 import sys
 import tempfile
+
+import clone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = os.path.join(os.path.dirname(HERE), "freefuse_bypass_patch")
 MARK = "_self_freefuse_bypass_patch"
+
+
+def _scratch(prefix):
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def _load_kit():
@@ -29,7 +43,7 @@ def _load_kit():
     return module
 
 
-def _activate(how, tree):
+def _activate(how, tree, extra):
     report = {"imported_before_comfy": "freefuse_bypass_patch" in sys.modules and "comfy.sd" not in sys.modules}
     sc = _load_kit()
     sc.use_comfyui(tree)
@@ -52,17 +66,36 @@ def _activate(how, tree):
         report["single_wrapper"] = getattr(comfy.sd.load_bypass_lora_for_models.__wrapped__, MARK, False) is False
         report["rewrapped"] = comfy.sd.load_bypass_lora_for_models is not wrapper
     elif how == "custom_nodes":
-        folder = os.path.join(tempfile.mkdtemp(prefix="ffbp_cn_"), "custom_nodes")
-        os.makedirs(folder)
-        link = os.path.join(folder, "freefuse_bypass_patch")
-        os.symlink(PKG, link)
+        # the repository as `git clone` lays it out, in a custom_nodes folder of our own
+        name, preloaded = extra[0], "preloaded" in extra[1:]
+        node_dir = clone.copy_repository(os.path.join(_scratch("ffbp_cn_"), "custom_nodes", name))
+        if preloaded:  # pip install + enable: the package is imported before ComfyUI loads custom nodes
+            sys.path.insert(0, os.path.dirname(PKG))
+            import freefuse_bypass_patch  # noqa: F401
         report["imported_before_loader"] = "freefuse_bypass_patch" in sys.modules
-        report["nodes_added"], report["loader_result"] = _load_with_comfyui_loader(link)
-    report["patched"] = bool(getattr(comfy.sd.load_bypass_lora_for_models, MARK, False))
+        with sc.LogCapture() as logs:
+            report["nodes_added"], report["loader_result"] = _load_with_comfyui_loader(node_dir, logs)
+        report["loader_warnings"] = [r.getMessage() for r in logs.records if r.levelno >= logging.WARNING]
+        import freefuse_bypass_patch as ffbp
+
+        report["package_dir"] = os.path.dirname(ffbp.__file__)
+        report["node_dir"], report["checkout"] = node_dir, os.path.dirname(PKG)
+        report["copies"] = _loaded_copies()
+        report["kit_loaded"] = sorted(m for m in sys.modules if m.startswith("freefuse_bypass_patch.kit"))
+        report["api_patched"] = ffbp.is_patched()
+        report["version"] = ffbp.__version__
+    report["patched"] = bool(getattr(getattr(comfy.sd, "load_bypass_lora_for_models", None), MARK, False))
     return sc, report
 
 
-def _load_with_comfyui_loader(package_dir):
+def _loaded_copies():
+    """The files of every loaded ``patching`` module of this plugin, under whatever module name."""
+    suffix = os.path.join("freefuse_bypass_patch", "patching.py")
+    files = [getattr(m, "__file__", None) or "" for m in list(sys.modules.values())]
+    return sorted(f for f in files if f.endswith(suffix))
+
+
+def _load_with_comfyui_loader(package_dir, logs):
     """(number of nodes registered, loader result) through the tree's own custom-node loader."""
     if os.path.isdir(os.path.join(list(__import__("comfy").__path__)[0], "cmd")):
         # the pip-installable fork: its vanilla custom-node importer (logs errors, returns nodes)
@@ -71,8 +104,8 @@ def _load_with_comfyui_loader(package_dir):
 
         prepare_vanilla_environment()
         exported = vanilla_node_importing._vanilla_load_custom_nodes_1(package_dir)
-        loaded = getattr(sys.modules.get("freefuse_bypass_patch"), "__file__", "").startswith(package_dir)
-        return len(exported.NODE_CLASS_MAPPINGS), loaded
+        # it logs an import error instead of returning a result
+        return len(exported.NODE_CLASS_MAPPINGS), not any(r.levelno >= logging.ERROR for r in logs.records)
     import nodes
 
     before = len(nodes.NODE_CLASS_MAPPINGS)
@@ -82,18 +115,24 @@ def _load_with_comfyui_loader(package_dir):
     return len(nodes.NODE_CLASS_MAPPINGS) - before, loaded
 
 
-def main(how, tree):
-    sc, report = _activate(how, tree)
+def main(how, tree, *extra):
+    sc, report = _activate(how, tree, extra)
     import comfy.sd
 
+    if not hasattr(comfy.sd, "load_bypass_lora_for_models"):  # before bypass mode: nothing to compare
+        print("SCENARIO " + json.dumps(report))
+        return
     probe = sc.tiny_flux().model
     diffusers1 = sc.make_lora(probe, "diffusers", rank=4, seed=1, alpha=4)
     diffusers2 = sc.make_lora(probe, "diffusers", rank=8, seed=2, alpha=4)
     kohya = sc.make_lora(probe, "kohya", rank=4, seed=3)
-    path = os.path.join(tempfile.mkdtemp(prefix="ffbp_lora_"), "character.safetensors")
+    path = os.path.join(_scratch("ffbp_lora_"), "character.safetensors")
     diffusers1 = sc.load_lora_file(sc.save_lora(diffusers1, path))
 
     report["single"] = sc.compare([(diffusers1, 1.0)])
+    if how == "custom_nodes":  # how it was loaded is the point; chains are covered by the other two
+        print("SCENARIO " + json.dumps(report))
+        return
     report["chained"] = sc.compare([(diffusers1, 0.8), (diffusers2, 0.6), (kohya, 1.0)])
     report["zero"] = sc.compare([(diffusers1, 0.0)])
 
@@ -110,4 +149,4 @@ def main(how, tree):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -32,8 +32,8 @@ def run_python(args, env=None, timeout=600):
                           timeout=timeout, cwd=HERE)
 
 
-def scenario(activation, env=None, pre_args=()):
-    proc = run_python(list(pre_args) + [os.path.join(HERE, "scenario.py"), activation, TREE], env=env)
+def scenario(activation, env=None, pre_args=(), args=()):
+    proc = run_python(list(pre_args) + [os.path.join(HERE, "scenario.py"), activation, TREE] + list(args), env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("SCENARIO "):
             return json.loads(line[len("SCENARIO "):]), proc

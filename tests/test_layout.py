@@ -11,7 +11,7 @@ import textwrap
 from support import ROOT, TREE, run_python
 
 PKG = os.path.join(ROOT, "freefuse_bypass_patch")
-RUNTIME = {"__init__", "keys", "hooks", "manager", "loader", "wrappers", "patching"}
+RUNTIME = {"__init__", "keys", "forms", "hooks", "masks", "manager", "loader", "wrappers", "patching", "_version"}
 SELF_CHECK = ("kit", "dryrun", "maskview", "cli")
 
 

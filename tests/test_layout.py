@@ -1,6 +1,6 @@
 """The package's imports point one way, and ComfyUI start-up never loads the test kit.
 
-Runtime: keys -> hooks -> manager -> loader -> wrappers -> patching -> __init__.
+Runtime: keys -> forms -> hooks -> masks -> manager -> loader -> wrappers -> patching -> __init__.
 Self-check side: kit (comfyui, models, loras, compare) -> dryrun, maskview -> cli -> __main__.
 """
 

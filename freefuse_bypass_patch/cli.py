@@ -146,18 +146,13 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     Without ``lora_path``: a random diffusers-format LoRA on a tiny ``family`` model, stock
     vs patched bypass against merged. With it: a dry run of how that file's keys map.
     """
-    from .kit import (FAMILIES, available, compare, default_comfyui, direct_hook_vs_merged, family_lora,
-                      load_lora_file, tiny_inputs, tiny_model, use_comfyui)
+    from .kit import (FAMILIES, available, compare, direct_hook_vs_merged, family_lora, load_lora_file,
+                      start_quietly, tiny_inputs, tiny_model)
 
     lora_path = os.path.abspath(lora_path) if lora_path else None
-    comfyui = comfyui or default_comfyui()
+    comfyui = start_quietly(comfyui)
     if comfyui is None:
-        print("no ComfyUI found: pass --comfyui PATH (or set COMFYUI_PATH)")
         return 2
-    use_comfyui(comfyui)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.ERROR)  # ComfyUI is chatty; what was dropped is counted below
     from . import install, uninstall
     from .dryrun import diagnose, key_map_model, print_diagnosis
     from .patching import capabilities, comfyui_version

@@ -154,19 +154,8 @@ class LoKrForm(Form):
 
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
-        w1, w2, alpha, w1a, w1b, w2a, w2b = adapter.weights[:7]
-        dim = None
-        if w1 is None:
-            dim = w1b.shape[0]
-            w1 = _t(w1a, device) @ _t(w1b, device)  # (out1, in1): the small factor
-        self.w2 = self.w2a = self.w2b = None
-        if w2 is not None:
-            self.w2 = _t(w2, device)
-        else:  # kept low-rank: x·w2ᵀ = (x·w2bᵀ)·w2aᵀ
-            dim = w2b.shape[0]
-            self.w2a, self.w2b = _t(w2a, device), _t(w2b, device)
-        self.plain_scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
-        self.w1 = _t(w1, device)
+        self.w1, self.w2, low, self.plain_scale = _lokr_factors(adapter, device)
+        self.w2a, self.w2b = low if low is not None else (None, None)  # kept low-rank: x·w2ᵀ = (x·w2bᵀ)·w2aᵀ
 
     @staticmethod
     def fits(adapter, length: int, in_features: int) -> bool:
@@ -200,6 +189,21 @@ class LoKrForm(Form):
         rows = out_rows.unflatten(-1, (self.w1.shape[0], -1))
         w1 = self.w1 * (self.strength * self.plain_scale)
         rows.baddbmm_(w1.expand(z.shape[0], -1, -1), z)
+
+
+def _lokr_factors(adapter, device):
+    """(w1, w2 or None, (w2_a, w2_b) or None, scale) as the merge code reads a LoKr: a low-rank
+    w1 is formed (it is the small factor), w2's pair is kept; scale = alpha / the last pair's rank."""
+    w1, w2, alpha, w1a, w1b, w2a, w2b = adapter.weights[:7]
+    dim, low = None, None
+    if w1 is None:
+        dim = w1b.shape[0]
+        w1 = _t(w1a, device) @ _t(w1b, device)
+    if w2 is None:
+        dim = w2b.shape[0]
+        low = (_t(w2a, device), _t(w2b, device))
+    scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
+    return _t(w1, device), _t(w2, device), low, scale
 
 
 class GLoRAForm(Form):
@@ -488,19 +492,12 @@ class ConvLoKrForm(ConvForm):
 
     def __init__(self, adapter, strength, start, length, module, device):
         super().__init__(adapter, strength, start, length, module, device)
-        w1, w2, alpha, w1a, w1b, w2a, w2b = adapter.weights[:7]
-        dim = None
-        if w1 is None:
-            dim = w1b.shape[0]
-            w1 = _t(w1a, device) @ _t(w1b, device)
-        if w2 is None:
-            dim = w2b.shape[0]
-            w2 = _t(w2a, device) @ _t(w2b, device)
-        self.w1 = _t(w1, device).flatten(1)
-        self.w2 = _t(w2, device)
+        w1, w2, low, scale = _lokr_factors(adapter, device)
+        self.w1 = w1.flatten(1)
+        self.w2 = w2 if low is None else low[0] @ low[1]
         if self.w2.dim() != module.weight.dim():
             self.w2 = self.w2.reshape(*self.w2.shape[:2], *module.weight.shape[2:])
-        self.scale = self.strength * (float(alpha) / dim if alpha is not None and dim is not None else 1.0)
+        self.scale = self.strength * scale
 
     @staticmethod
     def fits(adapter, module, length: int) -> bool:

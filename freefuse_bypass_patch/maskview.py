@@ -15,13 +15,12 @@ Part of the self-check (imports the kit); the runtime never imports it.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .kit import flux_inputs, make_lora, tiny_flux, use_comfyui
+from .kit import flux_inputs, make_lora, start_quietly, tiny_flux
 
 GRID = 16  # token grid side: a 32x32 latent, patch 2
 CELL = 16  # pixels per token in the PNG
@@ -46,17 +45,10 @@ def half_masks() -> Dict[str, torch.Tensor]:
 
 def run(comfyui: Optional[str], out_path: str = "freefuse_masks.png") -> int:
     """Build, measure, draw and print; 0 when the masks confine each LoRA's term to its half."""
-    from .kit import default_comfyui
-
     out_path = os.path.abspath(out_path)  # before use_comfyui, which may change directory
-    comfyui = comfyui or default_comfyui()
+    comfyui = start_quietly(comfyui)
     if comfyui is None:
-        print("no ComfyUI found: pass --comfyui PATH (or set COMFYUI_PATH)")
         return 2
-    use_comfyui(comfyui)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.ERROR)
     import comfy.sd
 
     from . import install, is_patched

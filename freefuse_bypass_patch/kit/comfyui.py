@@ -6,6 +6,7 @@ tests, the check and the benchmarks all start here.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -44,6 +45,22 @@ def default_comfyui() -> Optional[str]:
     from ..trees import cached_trees, horde_tree
 
     return os.environ.get("COMFYUI_PATH") or next(iter(cached_trees()), None) or horde_tree()
+
+
+def start_quietly(path: Optional[str]) -> Optional[str]:
+    """For the commands: use ``path`` (or the default tree) with ComfyUI's logging down to errors.
+
+    Returns the tree, or None after saying that none was found.
+    """
+    path = path or default_comfyui()
+    if path is None:
+        print("no ComfyUI found: pass --comfyui PATH (or set COMFYUI_PATH)")
+        return None
+    use_comfyui(path)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.ERROR)  # ComfyUI is chatty; the commands count what matters
+    return path
 
 
 def _placeholder_torchvision() -> None:

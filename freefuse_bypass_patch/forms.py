@@ -388,11 +388,11 @@ class DoRAForm(Form):
 DORA_INDEX = {"lora": 4, "loha": 7, "lokr": 8, "glora": 5, "oft": 3, "boft": 3}
 
 
-def form_class(adapter: Any, out_rows: int, in_features: int, linear: bool) -> Optional[type]:
+def form_class(adapter: Any, out_rows: int, in_features: int) -> Optional[type]:
     """The factored form for ``adapter`` on ``out_rows`` rows of a Linear, or None (transient delta)."""
     name = getattr(adapter, "name", None)
     v = getattr(adapter, "weights", None)
-    if not linear or name not in DORA_INDEX or not isinstance(v, (tuple, list)):
+    if name not in DORA_INDEX or not isinstance(v, (tuple, list)):
         return None
     base = _plain_class(name, v, adapter, out_rows, in_features)
     dora_scale = v[DORA_INDEX[name]] if len(v) > DORA_INDEX[name] else None

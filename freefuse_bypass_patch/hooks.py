@@ -125,7 +125,7 @@ def check_slot(slot: AdapterSlot, weight_shape: Sequence[int]) -> None:
 def _probe_form(slot: AdapterSlot, start: int, length: int, in_features: int, weight_shape) -> None:
     """Build the slot's form on one zero token: a factor that does not fit fails here, at load,
     with the key and the shapes, instead of inside a forward."""
-    cls = form_class(slot.adapter, length, in_features, True)
+    cls = form_class(slot.adapter, length, in_features)
     if cls is None:
         return
     try:
@@ -258,13 +258,12 @@ class FusedBypassHook:
         classes = [self._form_class(s) for s in ordered]
         if any(c is None for c in classes) and any(weight_dependent(s.adapter) for s in ordered):
             # no factored form for one of them, and order matters: the whole module in load order
-            self.form_slots, self.transient_groups = (), ((tuple(ordered)),) if ordered else ()
+            self.form_slots, self.transient_groups = (), (tuple(ordered),)
         else:
             self.form_slots = tuple((s, c) for s, c in zip(ordered, classes) if c is not None)
             self.transient_groups = tuple((s,) for s, c in zip(ordered, classes) if c is None)
         self._built: Dict[Tuple[Any, Any], _Built] = {}
         self._handle = None
-        self._busy = False
 
     def _form_class(self, slot: AdapterSlot):
         target = slot.target
@@ -273,7 +272,7 @@ class FusedBypassHook:
         rows = _out_rows(target, self.module.weight.shape)[1]
         if not self.linear:
             return conv_form_class(slot.adapter, self.module, rows)
-        return form_class(slot.adapter, rows, self.in_features, True)
+        return form_class(slot.adapter, rows, self.in_features)
 
     # -- lifecycle -------------------------------------------------------------------
     def attach(self) -> None:

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                        ("status", "enabled or not, which ComfyUI is found, what is patched")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--site-packages", help=site_help)
-    sub.choices["status"].add_argument("--comfyui", help="ComfyUI tree (default: the importable comfy package)")
+    sub.choices["status"].add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH, else the importable comfy package)")
     args = parser.parse_args(argv)
     if args.command == "check" and args.masks:
         from .maskview import run
@@ -89,10 +89,14 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
     print("package: freefuse_bypass_patch %s at %s" % (__version__, os.path.dirname(os.path.abspath(__file__))))
     if disabled_by_env():
         print("%s is set: the plugin patches nothing" % DISABLE_ENV)
-    origin = "--comfyui" if comfyui else "importable comfy"
-    comfyui = os.path.abspath(comfyui) if comfyui else _importable_comfyui()
+    if comfyui:
+        origin, comfyui = "--comfyui", os.path.abspath(comfyui)
+    elif os.environ.get("COMFYUI_PATH"):
+        origin, comfyui = "$COMFYUI_PATH", os.path.abspath(os.environ["COMFYUI_PATH"])
+    else:
+        origin, comfyui = "importable comfy", _importable_comfyui()
     if comfyui is None:
-        print("ComfyUI: none found (no importable comfy package; pass --comfyui PATH)")
+        print("ComfyUI: none found (no $COMFYUI_PATH, no importable comfy package; pass --comfyui PATH)")
         return 0
     from .kit import use_comfyui
 

@@ -101,3 +101,11 @@ def test_enable_twice_and_disable_twice(tmp_path):
         proc = run_python(["-m", "freefuse_bypass_patch", command, "--site-packages", str(tmp_path)])
         assert proc.returncode == 0 and expected + str(tmp_path / PTH) in proc.stdout, (command, proc.stdout)
     assert os.listdir(tmp_path) == []
+
+
+def test_status_finds_comfyui_from_the_environment(tmp_path):
+    proc = run_python(["-m", "freefuse_bypass_patch", "status", "--site-packages", str(tmp_path)],
+                      env={"COMFYUI_PATH": TREE, "COMFYUI_CPU": "true"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "at %s ($COMFYUI_PATH)" % os.path.abspath(TREE) in proc.stdout, proc.stdout
+    assert "capabilities: bypass_module=%s" % HAS_BYPASS in proc.stdout, proc.stdout

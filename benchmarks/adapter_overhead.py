@@ -12,8 +12,8 @@ fair. Factors are shaped as trainers save them (see ``adapter_factors``).
 Modes: ``merged`` (comfy.sd.load_lora_for_models), ``stock`` (the plugin uninstalled, then
 comfy.sd.load_bypass_lora_for_models) and ``plugin`` (installed, same loader), plus ``base``
 (no adapter) once as the memory reference. Each case: loader call + ComfyUI load, one
-first forward (reported: the plugin may build caches there), then N timed forwards
-(median reported). Printed per adapter type: ms per forward, ratios to merged and to
+first forward (reported: the plugin may build caches there), one more forward (the peak
+memory is read over these), then N timed forwards (median reported). Printed per adapter type: ms per forward, ratios to merged and to
 stock, first-forward and load ms, extra peak memory over base, the extra over stock's as a
 fraction of the adapted weights' bytes (the weights that carry an adapter, in the model
 dtype), and max|out - merged| / max|merged| on the same input.
@@ -23,8 +23,10 @@ Memory. CPU: every case runs in its own process (the script re-invokes itself wi
 ``--case``), so no allocation of one case survives into another. The child builds the
 model, the inputs and the LoRA state dict, then resets the kernel's RSS high-water mark
 (``echo 5 > /proc/self/clear_refs`` sets VmHWM to the current VmRSS) and records VmRSS;
-after loader + load + forwards, peak = VmHWM - that VmRSS. Children run with glibc's
-``MALLOC_MMAP_THRESHOLD_=131072``, so freed tensors leave RSS and peaks repeat within a MiB.
+after loader + load + two forwards, peak = VmHWM - that VmRSS. Children run with glibc's
+``MALLOC_MMAP_THRESHOLD_=131072``, so freed tensors leave RSS and peaks repeat within a MiB;
+the timed forwards come after the peak is read, with glibc's threshold raised again
+(``mallopt``), since page faults on every large temporary would skew the timings.
 The extra of a mode is its peak minus base's (base's holds a plain forward's activations).
 Each child writes its output to a temporary folder after measuring; the parent compares.
 CUDA: the cases run in one process, one after another, on one model; per case
@@ -158,6 +160,17 @@ class RssMeter:
         return self._status("VmHWM") - self.before
 
     @staticmethod
+    def release():
+        """Once the peak is read: let glibc keep freed blocks again. The low mmap threshold that
+        makes peaks repeat also makes every large temporary fault its pages in anew, which
+        slows every mode (merged ~1.3x) and the ones with more temporaries most."""
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep freed memory in the heap
+
+    @staticmethod
     def _status(field):
         with open("/proc/self/status") as f:
             return int(re.search(r"^%s:\s+(\d+) kB" % field, f.read(), re.M).group(1)) * 1024
@@ -176,9 +189,13 @@ class CudaMeter:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - self.before
 
+    @staticmethod
+    def release():
+        pass
+
 
 def measure(base, inputs, lora, mode, forwards, meter):
-    """Attach ``lora`` in ``mode`` (or nothing for "base"), load, forward 1 + ``forwards`` times.
+    """Attach ``lora`` in ``mode`` (or nothing for "base"), load, forward 2 + ``forwards`` times.
 
     Returns (result dict, output of the last forward or None). An exception in the loader
     or a forward is reported as ``error``; what was measured until then is kept.
@@ -212,6 +229,9 @@ def measure(base, inputs, lora, mode, forwards, meter):
             start = clock()
             out = patcher.model.apply_model(x, t, **rest)
             result["first_ms"] = (clock() - start) * 1e3
+            out = patcher.model.apply_model(x, t, **rest)  # a steady forward inside the memory window
+            result["peak"] = meter.peak()
+            meter.release()
             times = []
             for _ in range(forwards):
                 start = clock()
@@ -222,7 +242,7 @@ def measure(base, inputs, lora, mode, forwards, meter):
         result["error"] = "%s: %s" % (type(err).__name__, (str(err).splitlines() or [""])[0].split(" (")[0][:80])
         out = None
     finally:
-        result["peak"] = meter.peak()
+        result.setdefault("peak", meter.peak())
         mm.unload_all_models()
         if mode == "stock":
             ffbp.install()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import os
 import re
 from typing import Optional
@@ -98,11 +97,9 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
     if comfyui is None:
         print("ComfyUI: none found (no $COMFYUI_PATH, no importable comfy package; pass --comfyui PATH)")
         return 0
-    from .kit import use_comfyui
+    from .kit import quiet_logging, use_comfyui
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.ERROR)  # ComfyUI is chatty on import
+    quiet_logging()  # before the import: ComfyUI is chatty on import
     try:
         use_comfyui(comfyui)
         import comfy.sd  # noqa: F401  (the plugin patches, or decides to stay inert, on this import)

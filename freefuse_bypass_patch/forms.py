@@ -97,18 +97,22 @@ class LoRAForm(Form):
         return F.linear(F.linear(x, self.down), self.up)
 
 
-class LoHaForm(Form):
-    """LoHa: (A1·B1) ⊙ (A2·B2) = P·Q with P = A1 ⊙row A2 (out, r1·r2) and Q = B1 ⊙col B2.
-
-    P and Q are r1·r2 wide, larger than the four factors, so they are formed in the compute
-    dtype inside each forward (elementwise, one module at a time) and dropped.
-    """
+class _LoHaFactors(Form):
+    """The four LoHa factors and the merge code's scale, alpha / the rank of w1."""
 
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
         w1a, w1b, alpha, w2a, w2b = adapter.weights[:5]
         self.w1a, self.w1b, self.w2a, self.w2b = (_t(t, device) for t in (w1a, w1b, w2a, w2b))
         self.plain_scale = _alpha_over(alpha, w1b.shape[0])
+
+
+class LoHaForm(_LoHaFactors):
+    """LoHa: (A1·B1) ⊙ (A2·B2) = P·Q with P = A1 ⊙row A2 (out, r1·r2) and Q = B1 ⊙col B2.
+
+    P and Q are r1·r2 wide, larger than the four factors, so they are formed in the compute
+    dtype inside each forward (elementwise, one module at a time) and dropped.
+    """
 
     @staticmethod
     def factored_is_smaller(adapter, out_features: int, in_features: int) -> bool:
@@ -135,15 +139,9 @@ class LoHaForm(Form):
         out_rows.addmm_(z, p.t())
 
 
-class DenseLoHaForm(Form):
+class DenseLoHaForm(_LoHaFactors):
     """LoHa whose product form would be larger than the weight: its delta is formed in the
     compute dtype inside each forward and dropped at once (one module at a time)."""
-
-    def __init__(self, adapter, strength, start, length, in_features, device):
-        super().__init__(adapter, strength, start, length, in_features, device)
-        w1a, w1b, alpha, w2a, w2b = (_t(t, device) if isinstance(t, torch.Tensor) else t for t in adapter.weights[:5])
-        self.w1a, self.w1b, self.w2a, self.w2b = w1a, w1b, w2a, w2b
-        self.plain_scale = _alpha_over(alpha, w1b.shape[0])
 
     def diff(self, x, y):
         return F.linear(x, (self.w1a @ self.w1b) * (self.w2a @ self.w2b))
@@ -255,8 +253,7 @@ class OFTForm(Form):
         self.eye = torch.eye(self.r.shape[-1], device=device)
 
     def _rotate(self, y, scale: float):
-        m = (self.r - self.eye) * scale
-        return torch.einsum("...kn,knm->...km", y.unflatten(-1, (m.shape[0], m.shape[1])), m).flatten(-2)
+        return _per_block(y, (self.r - self.eye) * scale)
 
     def diff(self, x, y):
         return self._rotate(y, self.strength)  # the merge code puts strength inside the diff too
@@ -289,15 +286,21 @@ class BOFTForm(Form):
         if self.group <= self.max_group and length % self.group == 0:
             units = torch.eye(self.group, device=device).repeat(length // self.group, 1)
             composite = _butterfly(r, units, self.rescale).unflatten(0, (-1, self.group))  # (groups, G, G)
-            self.blocks = composite - torch.eye(self.group, device=device)
+            # transposed once here: _per_block maps y_j to Σ_j y_j m[j, i]
+            self.blocks = (composite - torch.eye(self.group, device=device)).transpose(1, 2).contiguous()
             self.rescale = None
         else:
             self.r = r
 
     def diff(self, x, y):
         if self.blocks is not None:
-            return torch.einsum("...kj,kij->...ki", y.unflatten(-1, (-1, self.group)), self.blocks).flatten(-2)
+            return _per_block(y, self.blocks)
         return (_butterfly(self.r, y.t(), self.rescale) - y.t()).t()
+
+
+def _per_block(y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """y (..., K·n) mapped block by block: block k of the result is (block k of y) · m[k] (n, n)."""
+    return torch.einsum("...kn,knm->...km", y.unflatten(-1, (m.shape[0], m.shape[1])), m).flatten(-2)
 
 
 def _butterfly(r: torch.Tensor, rows: torch.Tensor, rescale: Optional[torch.Tensor]) -> torch.Tensor:

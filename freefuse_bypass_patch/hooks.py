@@ -346,9 +346,10 @@ class FusedBypassHook:
         def flush():
             if not run:
                 return
-            low = [(f.start, f.length) + f.low_rank() + (lora,) for f, lora in run if f.low_rank() is not None]
+            factors = [(f, lora, f.low_rank()) for f, lora in run]  # low_rank() may build (GLoRA: a cat)
+            low = [(f.start, f.length) + pair + (lora,) for f, lora, pair in factors if pair is not None]
             grouped = _Grouped(low, self.out_features, dtype, block) if low else None
-            rest = tuple((f.cast(device, dtype), lora) for f, lora in run if f.low_rank() is None)
+            rest = tuple((f.cast(device, dtype), lora) for f, lora, pair in factors if pair is None)
             segments.append(("add", grouped, rest))
             run.clear()
 

@@ -22,7 +22,7 @@ import torch
 from .hooks import AdapterSlot, check_slot
 from .keys import BypassKeyError, Target, parse_target
 from .manager import FusedBypassManager
-from .masks import NAMES_ATTACHMENT, next_name
+from .masks import NAMES_ATTACHMENT, bypass_loras, next_name
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
     if not adapters and not earlier:
         return matched
     shapes = {k: tuple(v.shape) for k, v in root.state_dict().items()} if adapters else {}
-    names = tuple(getattr(patcher, "attachments", {}).get(NAMES_ATTACHMENT, ())) or (("lora_0",) if earlier else ())
+    names = tuple(bypass_loras(patcher)) or (("lora_0",) if earlier else ())
     name = next_name(names)  # raises before anything changes if the caller's name is taken
     new_slots = []
     for key, adapter in adapters.items():

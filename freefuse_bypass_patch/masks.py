@@ -168,14 +168,12 @@ class _Forward:
         self.layout, self.batch, self.grid, self.text_tokens = layout, batch, grid, text_tokens
         self.image_tokens = grid[0] * grid[1]
         self.masks = {i: self._fit(m, names[i] if i < len(names) else str(i)) for i, m in masks.items()}
-        self._scales: Dict[Tuple[str, int, torch.dtype], Dict[int, torch.Tensor]] = {}
+        self._scales: Dict[Tuple[str, int, torch.dtype, torch.device], Dict[int, torch.Tensor]] = {}
 
     def _fit(self, mask: torch.Tensor, name: str) -> torch.Tensor:
         """(batch or 1, image tokens), or an error naming the mask's and the forward's shapes."""
         n, (h, w) = self.image_tokens, self.grid
-        if mask.shape == (h, w):
-            return mask.reshape(1, n)
-        if mask.shape == (n,):
+        if mask.shape in ((h, w), (n,)):
             return mask.reshape(1, n)
         if mask.shape == (self.batch, n):
             return mask

@@ -11,7 +11,7 @@ ComfyUI loads at start-up imports it). One module per job, imports pointing one 
 ``from freefuse_bypass_patch import kit`` gives all of it under one name.
 """
 
-from .comfyui import default_comfyui, start_quietly, use_comfyui
+from .comfyui import default_comfyui, quiet_logging, start_quietly, use_comfyui
 from .compare import (LogCapture, chain, compare, direct_hook_vs_merged, forward, manager_bypass, max_rel_diff,
                       weights_snapshot)
 from .loras import (CONVENTIONS, family_lora, key_forms, load_lora_file, lora_targets, make_lora, named_targets,
@@ -20,7 +20,7 @@ from .models import (FAMILIES, SLICED, TINY_FLUX, available, flux_inputs, random
                      tiny_inputs, tiny_model)
 
 __all__ = [
-    "use_comfyui", "default_comfyui", "start_quietly",
+    "use_comfyui", "default_comfyui", "start_quietly", "quiet_logging",
     "TINY_FLUX", "FAMILIES", "SLICED", "tiny_flux", "random_patcher", "randomize_", "flux_inputs", "available",
     "tiny_model", "tiny_inputs",
     "CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",

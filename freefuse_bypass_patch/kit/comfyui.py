@@ -57,10 +57,15 @@ def start_quietly(path: Optional[str]) -> Optional[str]:
         print("no ComfyUI found: pass --comfyui PATH (or set COMFYUI_PATH)")
         return None
     use_comfyui(path)
+    quiet_logging()
+    return path
+
+
+def quiet_logging() -> None:
+    """Log handlers down to errors: ComfyUI is chatty; the commands count what matters."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.ERROR)  # ComfyUI is chatty; the commands count what matters
-    return path
+        handler.setLevel(logging.ERROR)
 
 
 def _placeholder_torchvision() -> None:

@@ -103,7 +103,7 @@ def family_lora(model, family: str, seed: int = 0, rank: int = 4, convention: st
         if not any(isinstance(t, tuple) for _, t, _ in targets):
             targets = named_targets(model, "diffusion_model.") or targets
     else:
-        targets = named_targets(model, CONVENTIONS[convention][0])
+        targets = lora_targets(model, convention)
     return random_lora(targets, convention, rank, seed, scale, one_name_per_target=True)
 
 

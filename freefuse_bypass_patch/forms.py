@@ -455,7 +455,7 @@ class ConvForm:
 
     def __init__(self, adapter: Any, strength: float, start: int, length: int, module: torch.nn.Module, device):
         self.strength, self.start, self.length, self.device = float(strength), start, length, device
-        dims = module.weight.dim() - 2
+        dims = len(module.weight.shape) - 2
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         self.kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
 
@@ -480,7 +480,7 @@ class ConvLoRAForm(ConvForm):
             ones = ones and all(k == 1 for k in down.shape[2:]) and mid.shape[2:] == module.weight.shape[2:]
         else:
             ones = ones and down.shape[2:] == module.weight.shape[2:]
-        return reshape is None and up.dim() == module.weight.dim() and ones
+        return reshape is None and up.dim() == len(module.weight.shape) and ones
 
     def contribution(self, x: torch.Tensor) -> torch.Tensor:
         if self.mid is None:
@@ -498,7 +498,7 @@ class ConvLoKrForm(ConvForm):
         w1, w2, low, scale = _lokr_factors(adapter, device)
         self.w1 = w1.flatten(1)
         self.w2 = w2 if low is None else low[0] @ low[1]
-        if self.w2.dim() != module.weight.dim():
+        if self.w2.dim() != len(module.weight.shape):
             self.w2 = self.w2.reshape(*self.w2.shape[:2], *module.weight.shape[2:])
         self.scale = self.strength * scale
 
@@ -530,7 +530,7 @@ def conv_form_class(adapter: Any, module: torch.nn.Module, length: int) -> Optio
     if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros" \
             or not isinstance(v, (tuple, list)) or name not in ("lora", "lokr"):
         return None
-    if v[DORA_INDEX[name]] is not None or module.weight.dim() not in (3, 4, 5):
+    if v[DORA_INDEX[name]] is not None or len(module.weight.shape) not in (3, 4, 5):
         return None
     if name == "lora":
         return ConvLoRAForm if ConvLoRAForm.fits(adapter, module) else None

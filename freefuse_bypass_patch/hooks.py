@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .forms import DORA_INDEX, conv_form_class, effective_columns, form_class
 from .keys import BypassKeyError, Target
+from .weights import logical_shape, read, read_bias, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,46 @@ def _out_rows(target: Target, weight_shape: Sequence[int]) -> Tuple[int, int]:
     return start, length
 
 
-def check_slot(slot: AdapterSlot, weight_shape: Sequence[int]) -> None:
-    """Raise BypassKeyError, naming key, target and shapes, if the slot cannot fit its weight."""
+class UnreadableWeight(BypassKeyError):
+    """The adapter needs the weight (or bias) it patches, and this module's cannot be read."""
+
+
+def check_slot(slot: AdapterSlot, weight_shape: Sequence[int], module: Optional[torch.nn.Module] = None) -> None:
+    """Raise BypassKeyError, naming key, target and shapes, if the slot cannot fit its weight;
+    with the ``module``, UnreadableWeight if it needs a weight or bias that cannot be read."""
+    _check_shapes(slot, weight_shape)
+    if module is not None:
+        for part, needed in zip(("weight", "bias"), reads(slot, module)):
+            reason = unreadable(module, part) if needed else None
+            if reason is not None:
+                raise UnreadableWeight("%s key %r needs the %s it patches to be read, but %s"
+                                       % (type(slot.adapter).__name__, slot.key, part, reason))
+
+
+def slot_form_class(slot: AdapterSlot, module: torch.nn.Module) -> Optional[type]:
+    """The factored form this slot takes on ``module``, or None (a transient merge-code delta)."""
+    target = slot.target
+    if target.function is not None or (target.offset is not None and target.offset[0] != 0):
+        return None
+    shape = logical_shape(module.weight)
+    rows = _out_rows(target, shape)[1]
+    if len(shape) != 2:
+        return conv_form_class(slot.adapter, module, rows)
+    return form_class(slot.adapter, rows, int(math.prod(shape[1:])))
+
+
+def reads(slot: AdapterSlot, module: torch.nn.Module) -> Tuple[bool, bool]:
+    """(needs W', needs b): what applying ``slot`` on ``module`` reads besides its own factors."""
+    if is_trainable(slot.adapter):
+        return False, False
+    cls = slot_form_class(slot, module)
+    if cls is None:
+        return weight_dependent(slot.adapter), False
+    has_bias = getattr(module, "bias", None) is not None
+    return bool(getattr(cls, "needs_weight", False)), has_bias and bool(getattr(cls, "reads_output", False))
+
+
+def _check_shapes(slot: AdapterSlot, weight_shape: Sequence[int]) -> None:
     start, length = _out_rows(slot.target, weight_shape)
     in_features = int(math.prod(weight_shape[1:]))
     factors = lora_factors(slot.adapter)
@@ -249,13 +288,13 @@ class FusedBypassHook:
         self.module = module
         self.module_path = module_path
         self.slots = tuple(slots)
-        weight = module.weight
-        self.linear = weight.dim() == 2
-        self.out_features = int(weight.shape[0])
-        self.in_features = int(math.prod(weight.shape[1:]))
+        self.shape = logical_shape(module.weight)  # GGUF: the logical shape, not the blocks'
+        self.linear = len(self.shape) == 2
+        self.out_features = self.shape[0]
+        self.in_features = int(math.prod(self.shape[1:]))
         self.trainable = tuple(s for s in self.slots if is_trainable(s.adapter))
         ordered = [s for s in self.slots if s not in self.trainable]
-        classes = [self._form_class(s) for s in ordered]
+        classes = [slot_form_class(s, module) for s in ordered]
         if any(c is None for c in classes) and any(weight_dependent(s.adapter) for s in ordered):
             # no factored form for one of them, and order matters: the whole module in load order
             self.form_slots, self.transient_groups = (), (tuple(ordered),)
@@ -264,15 +303,6 @@ class FusedBypassHook:
             self.transient_groups = tuple((s,) for s, c in zip(ordered, classes) if c is None)
         self._built: Dict[Tuple[Any, Any], _Built] = {}
         self._handle = None
-
-    def _form_class(self, slot: AdapterSlot):
-        target = slot.target
-        if target.function is not None or (target.offset is not None and target.offset[0] != 0):
-            return None
-        rows = _out_rows(target, self.module.weight.shape)[1]
-        if not self.linear:
-            return conv_form_class(slot.adapter, self.module, rows)
-        return form_class(slot.adapter, rows, self.in_features)
 
     # -- lifecycle -------------------------------------------------------------------
     def attach(self) -> None:
@@ -329,17 +359,19 @@ class FusedBypassHook:
     def _build(self, device, dtype, cuda: bool) -> _Built:
         """Forms in fp32 on the compute device, weight-reading ones prepared in load order, then cast."""
         if not self.linear:  # conv forms: additive, each applied on its own
-            return _Built(tuple(("conv", cls(slot.adapter, slot.strength, *_out_rows(slot.target, self.module.weight.shape),
+            return _Built(tuple(("conv", cls(slot.adapter, slot.strength, *_out_rows(slot.target, self.shape),
                                              self.module, device).cast(device, dtype), slot.lora)
                                 for slot, cls in self.form_slots), None)
-        forms32 = []
+        forms32, weight = [], None
         for slot, cls in self.form_slots:
-            start, length = _out_rows(slot.target, self.module.weight.shape)
+            start, length = _out_rows(slot.target, self.shape)
             form = cls(slot.adapter, slot.strength, start, length, self.in_features, device)
             if form.needs_weight:
-                form.prepare(effective_columns(self._weight_columns(device), self.in_features, forms32,
-                                               (start, length)))
+                if weight is None:  # W' as this module's forward computes with it, read once per build
+                    weight = read(self.module, device)[0].reshape(self.out_features, -1)
+                form.prepare(effective_columns(_columns32(weight), self.in_features, forms32, (start, length)))
             forms32.append(form)
+        del weight
         block = self.layout == "block" or (self.layout == "auto" and cuda)
         segments, run = [], []
 
@@ -362,16 +394,8 @@ class FusedBypassHook:
         flush()
         bias = None
         if any(s[0] == "seq" for s in segments) and getattr(self.module, "bias", None) is not None:
-            bias = float_weight(self.module.bias).to(device=device, dtype=dtype)
+            bias = read_bias(self.module, device, dtype)
         return _Built(tuple(segments), bias)
-
-    def _weight_columns(self, device) -> Callable[[int, int], torch.Tensor]:
-        """W[:, c0:c1] in fp32 on ``device``; quantized weights are dequantized once, for this call."""
-        weight = self.module.weight.detach()
-        if type(weight) not in (torch.Tensor, torch.nn.Parameter) or not weight.is_floating_point():
-            weight = float_weight(weight)
-        weight = weight.reshape(weight.shape[0], -1)
-        return lambda c0, c1: weight[:, c0:c1].to(device=device, dtype=torch.float32)
 
     def _add_forms(self, built: _Built, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks]) -> None:
         if not self.linear:
@@ -431,11 +455,10 @@ class FusedBypassHook:
         """
         import comfy.lora  # the real merge code is the reference for these adapter types
 
-        weight = self.module.weight
         if any(weight_dependent(s.adapter) for s in group):
-            current = float_weight(weight).to(out.device)
+            current = read(self.module, out.device, torch.float32)[0]
         else:
-            current = torch.zeros(weight.shape, device=out.device, dtype=torch.float32)
+            current = torch.zeros(self.shape, device=out.device, dtype=torch.float32)
         steps = [group] if masks is None else [(s,) for s in group]
         xc = x if x.dtype == out.dtype else x.to(out.dtype)
         for step in steps:
@@ -471,14 +494,9 @@ def _add_masked(rows: torch.Tensor, term: torch.Tensor, mask: Optional[torch.Ten
         rows.addcmul_(term, mask)
 
 
-def float_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as fp32 values: fp8 is upcast, quantized tensor types (ComfyUI's
-    QuantizedTensor, GGUF's) are dequantized with their own ``dequantize()``."""
-    w = weight.detach()
-    dequantize = getattr(w, "dequantize", None)
-    if type(w) not in (torch.Tensor, torch.nn.Parameter) and callable(dequantize):
-        w = dequantize()
-    return w.to(torch.float32)
+def _columns32(weight: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """W'[:, c0:c1] in fp32: one chunk of columns at a time (W' may be the module's own fp16 weight)."""
+    return lambda c0, c1: weight[:, c0:c1].to(torch.float32)
 
 
 def _conv(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,11 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .hooks import AdapterSlot, check_slot
+from .hooks import AdapterSlot, UnreadableWeight, check_slot
 from .keys import BypassKeyError, Target, parse_target
 from .manager import FusedBypassManager
 from .masks import NAMES_ATTACHMENT, bypass_loras, next_name
+from .weights import logical_shape
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,41 @@ def previous_slots(patcher) -> Tuple[AdapterSlot, ...]:
     return tuple(slots)
 
 
+def model_tensors(root: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``root`` by state-dict name (the keys stock bypass matches).
+
+    Not ``root.state_dict()``: a custom node may return stand-ins there (ComfyUI-GGUF gives
+    meta tensors in the quantized storage shape); the tensors themselves carry the shape the
+    module computes with.
+    """
+    tensors = dict(root.named_buffers(remove_duplicate=False))
+    tensors.update(root.named_parameters(remove_duplicate=False))
+    return tensors
+
+
+def _owner(root: torch.nn.Module, target: Target, tensor: torch.Tensor):
+    """The module whose ``weight`` is ``tensor``, or None (a LoRA on a buffer or a bias-like param)."""
+    if not target.weight_key.endswith(".weight"):
+        return None
+    try:
+        module = root.get_submodule(target.module_path)
+    except AttributeError:
+        return None
+    return module if getattr(module, "weight", None) is tensor else None
+
+
 def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
-                errors: List[str]) -> set:
+                errors: List[str], refused: List[str]) -> set:
     """Put the adapters that target ``root``'s weights on ``patcher`` as bypass hooks.
 
-    Returns the load_lora keys that matched. ``patcher`` must be a fresh clone.
+    Returns the load_lora keys that matched. Keys that do not fit go to ``errors``, those
+    that need a weight this plugin cannot read to ``refused``. ``patcher`` must be a fresh clone.
     """
     matched = set()
     earlier = previous_slots(patcher)
     if not adapters and not earlier:
         return matched
-    shapes = {k: tuple(v.shape) for k, v in root.state_dict().items()} if adapters else {}
+    tensors = model_tensors(root) if adapters else {}
     names = tuple(bypass_loras(patcher)) or (("lora_0",) if earlier else ())
     name = next_name(names)  # raises before anything changes if the caller's name is taken
     new_slots = []
@@ -71,11 +96,15 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
         except BypassKeyError as err:
             errors.append(str(err))
             continue
-        if target.weight_key not in shapes:
+        tensor = tensors.get(target.weight_key)
+        if tensor is None:
             continue
         slot = AdapterSlot(key, target, adapter, float(strength), lora=len(names))
         try:
-            check_slot(slot, shapes[target.weight_key])
+            check_slot(slot, logical_shape(tensor), _owner(root, target, tensor))
+        except UnreadableWeight as err:
+            refused.append(str(err))
+            continue
         except BypassKeyError as err:
             errors.append(str(err))
             continue
@@ -94,8 +123,10 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
 
 
 def _finite(adapter) -> bool:
+    """No NaN or inf in the factors (fp8 ones upcast first: ``isfinite`` has no fp8 kernel)."""
     weights = getattr(adapter, "weights", None) or ()
-    return all(bool(torch.isfinite(w).all()) for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point())
+    return all(bool(torch.isfinite(w if w.element_size() > 1 else w.to(torch.float32)).all())
+               for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point())
 
 
 def load_bypass_lora_for_models(model, clip, lora, strength_model, strength_clip):
@@ -115,30 +146,37 @@ def load_bypass_lora_for_models(model, clip, lora, strength_model, strength_clip
     regular = {k: v for k, v in loaded.items() if k not in adapters}
     applied: set = set()
     errors: List[str] = []
+    refused: List[str] = []
 
     new_model = None
     if model is not None:
         new_model = model.clone()
         if regular:
             applied.update(new_model.add_patches(regular, strength_model))
-        applied |= bypass_into(new_model, new_model.model, adapters, strength_model, errors)
+        applied |= bypass_into(new_model, new_model.model, adapters, strength_model, errors, refused)
 
     new_clip = None
     if clip is not None:
         new_clip = clip.clone()
         if regular:
             applied.update(new_clip.add_patches(regular, strength_clip))
-        applied |= bypass_into(new_clip.patcher, new_clip.cond_stage_model, adapters, strength_clip, errors)
+        applied |= bypass_into(new_clip.patcher, new_clip.cond_stage_model, adapters, strength_clip, errors,
+                               refused)
 
-    _report(len(lora), loaded, adapters, applied, errors)
+    _report(len(lora), loaded, adapters, applied, errors, refused)
     return new_model, new_clip
 
 
-def _report(n_tensors, loaded, adapters, applied, errors) -> None:
+def _report(n_tensors, loaded, adapters, applied, errors, refused) -> None:
+    """One line per misfit key (ERROR), then one summary line: WARNING when anything was not
+    applied, naming it (and, for adapters refused because their weight cannot be read, why)."""
     for err in errors:
         log.error("[freefuse_bypass_patch] %s; adapter skipped", err)
+    why = "; refused: %s" % "; ".join(refused) if refused else ""
     if not applied:
-        if n_tensors:
+        if refused:
+            log.warning("[freefuse_bypass_patch] bypass LoRA: nothing applied%s", why)
+        elif n_tensors:
             log.warning("[freefuse_bypass_patch] bypass LoRA: 0 of %d keys matched this model "
                         "(a LoRA for another architecture?)", n_tensors)
         else:
@@ -152,6 +190,6 @@ def _report(n_tensors, loaded, adapters, applied, errors) -> None:
             "%d with a diff function), %d regular patches" % (
                 len(bypassed), fused, funcs, len(applied) - len(bypassed)))
     if missing:
-        log.warning("%s; NOT applied (%d): %s", line, len(missing), ", ".join(map(str, missing)))
+        log.warning("%s; NOT applied (%d): %s%s", line, len(missing), ", ".join(map(str, missing)), why)
     else:
         log.info(line)

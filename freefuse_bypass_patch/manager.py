@@ -13,9 +13,10 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from .hooks import AdapterSlot, FusedBypassHook, check_slot
+from .hooks import AdapterSlot, FusedBypassHook, UnreadableWeight, check_slot
 from .keys import Offset, parse_target
 from .masks import forward_hooks
+from .weights import logical_shape
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class FusedBypassManager:
             fitting = []
             for slot in slots:
                 try:
-                    check_slot(slot, weight.shape)
+                    check_slot(slot, logical_shape(weight), module)
                     fitting.append(slot)
+                except UnreadableWeight as err:
+                    log.warning("[freefuse_bypass_patch] %s; adapter refused", err)
                 except ValueError as err:
                     log.error("[freefuse_bypass_patch] %s; adapter not applied", err)
             if fitting:

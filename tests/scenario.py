@@ -10,7 +10,6 @@ that importing it does not activate the plugin (custom_nodes must be activated b
 own loader).
 """
 
-import asyncio
 import atexit
 import importlib.util
 import json
@@ -74,7 +73,7 @@ def _activate(how, tree, extra):
             import freefuse_bypass_patch  # noqa: F401
         report["imported_before_loader"] = "freefuse_bypass_patch" in sys.modules
         with sc.LogCapture() as logs:
-            report["nodes_added"], report["loader_result"] = _load_with_comfyui_loader(node_dir, logs)
+            report["nodes_added"], report["loader_result"] = sc.load_custom_node(node_dir)
         report["loader_warnings"] = [r.getMessage() for r in logs.records if r.levelno >= logging.WARNING]
         import freefuse_bypass_patch as ffbp
 
@@ -93,26 +92,6 @@ def _loaded_copies():
     suffix = os.path.join("freefuse_bypass_patch", "patching.py")
     files = [getattr(m, "__file__", None) or "" for m in list(sys.modules.values())]
     return sorted(f for f in files if f.endswith(suffix))
-
-
-def _load_with_comfyui_loader(package_dir, logs):
-    """(number of nodes registered, loader result) through the tree's own custom-node loader."""
-    if os.path.isdir(os.path.join(list(__import__("comfy").__path__)[0], "cmd")):
-        # the pip-installable fork: its vanilla custom-node importer (logs errors, returns nodes)
-        from comfy.nodes import vanilla_node_importing
-        from comfy_compatibility.vanilla import prepare_vanilla_environment
-
-        prepare_vanilla_environment()
-        exported = vanilla_node_importing._vanilla_load_custom_nodes_1(package_dir)
-        # it logs an import error instead of returning a result
-        return len(exported.NODE_CLASS_MAPPINGS), not any(r.levelno >= logging.ERROR for r in logs.records)
-    import nodes
-
-    before = len(nodes.NODE_CLASS_MAPPINGS)
-    loaded = nodes.load_custom_node(package_dir)
-    if asyncio.iscoroutine(loaded):
-        loaded = asyncio.run(loaded)
-    return len(nodes.NODE_CLASS_MAPPINGS) - before, loaded
 
 
 def main(how, tree, *extra):

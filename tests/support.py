@@ -48,6 +48,9 @@ def adapter_factors(kind, rows, cols, gen, rank=4):
     if kind == "dora":
         return {"lora_up.weight": r(rows, rank), "lora_down.weight": r(rank, cols), "alpha": torch.tensor(4.0),
                 "dora_scale": 1.0 + r(rows, 1)}
+    if kind == "dora_in":  # DoRA on the input axis: one magnitude per input column
+        return {"lora_up.weight": r(rows, rank), "lora_down.weight": r(rank, cols), "alpha": torch.tensor(4.0),
+                "dora_scale": 1.0 + r(1, cols)}
     if kind == "loha":
         return {"hada_w1_a": 3 * r(rows, rank), "hada_w1_b": 3 * r(rank, cols), "hada_w2_a": 3 * r(rows, rank),
                 "hada_w2_b": 3 * r(rank, cols), "alpha": torch.tensor(4.0)}

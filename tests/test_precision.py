@@ -10,6 +10,7 @@ import torch
 import comfy.sd
 
 from freefuse_bypass_patch import kit as sc
+import support
 from support import REL_TOL, adapter_lora, bypass_era
 
 pytestmark = bypass_era
@@ -47,7 +48,7 @@ def _quantized_flux(fmt):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from freefuse_bypass_patch.hooks import float_weight
+    from freefuse_bypass_patch.weights import read
 
     reference = sc.tiny_flux()
     state = {}
@@ -69,12 +70,12 @@ def _quantized_flux(fmt):
     config.set_inference_dtype(torch.float32, torch.float32)
     model = config.get_model({}, device=torch.device("cpu"))
     model.load_model_weights(state, "")
-    quantized = {name + ".weight": float_weight(m.weight) for name, m in model.diffusion_model.named_modules()
+    cpu = torch.device("cpu")
+    quantized = {name + ".weight": read(m, cpu, torch.float32)[0] for name, m in model.diffusion_model.named_modules()
                  if type(getattr(m, "weight", None)).__name__ == "QuantizedTensor"}
     assert len(quantized) > 10, "ComfyUI did not load quantized weights"
     with torch.no_grad():
         reference.model.diffusion_model.load_state_dict(quantized, strict=False)
-    cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), reference
 
 
@@ -105,3 +106,72 @@ def test_quantized_tensor_weights(fmt, caplog):
             assert error <= REL_TOL, (fmt, error)
         else:  # the tree's own quantized matmul rounds: bypass must still beat merging into it
             assert error < sc.max_rel_diff(comfy_merged, expected), (fmt, error, base_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("kind", ["diffusers-lora", "dora", "loha", "lokr", "glora"])
+def test_fp8_lora_factors(dtype, kind):
+    """LoRA files with fp8 factors load as they are (comfy.utils.load_torch_file keeps the dtype);
+    merged upcasts them in calculate_weight, so must bypass (torch has no isfinite for fp8)."""
+    base = sc.tiny_flux()
+    if kind == "diffusers-lora":
+        lora = sc.make_lora(base.model, "diffusers", rank=4, seed=35, alpha=4)
+    else:
+        lora = adapter_lora(base.model, kind, "kohya", seed=36, limit=12)
+    lora = {k: v if v.dim() == 0 else v.to(dtype) for k, v in lora.items()}  # alpha stays a float scalar
+    report = sc.compare([(lora, 0.9)], build=lambda: base)
+    # an effect 10x the tolerance: an adapter left out would fail the comparison
+    assert report["dropped"] == 0 and report["lora_effect"] > 10 * REL_TOL, report
+    assert report["rel_diff"] <= REL_TOL, report
+
+
+class _Opaque(torch.Tensor):
+    """A weight type this plugin has never seen, on a module with no cast path (a third-party op)."""
+
+
+def _opaque_flux():
+    """A tiny Flux whose double_blocks.0.img_attn.proj is a plain torch Linear holding an _Opaque weight."""
+    base = sc.tiny_flux()
+    block = base.model.diffusion_model.double_blocks[0].img_attn
+    plain = torch.nn.Linear(block.proj.in_features, block.proj.out_features)
+    with torch.no_grad():
+        plain.weight = torch.nn.Parameter(block.proj.weight.detach().clone().as_subclass(_Opaque), requires_grad=False)
+        plain.bias = torch.nn.Parameter(block.proj.bias.detach().clone(), requires_grad=False)
+    block.proj = plain
+    return base
+
+
+@pytest.mark.parametrize("kind", ["lora", "lokr", "loha", "oft", "boft"])
+def test_unreadable_weight_keeps_adapters_that_never_read_it(kind):
+    base = _opaque_flux()
+    gen = torch.Generator().manual_seed(37)
+    rows, cols = base.model.diffusion_model.double_blocks[0].img_attn.proj.weight.shape
+    lora = {"lora_unet_double_blocks_0_img_attn_proj.%s" % k: v
+            for k, v in support.adapter_factors(kind, rows, cols, gen).items()}
+    report = sc.compare([(lora, 0.9)], build=lambda: base)
+    # one module of the model: an effect 10x the tolerance, so an adapter left out fails the comparison
+    assert report["dropped"] == 0 and report["lora_effect"] > 10 * REL_TOL, report
+    assert report["rel_diff"] <= REL_TOL, report
+
+
+@pytest.mark.parametrize("kind", ["dora", "glora"])
+def test_unreadable_weight_refuses_readers_at_load(kind):
+    """DoRA and GLoRA need W' of a weight nothing can read: refused at load with one WARNING that
+    names the key and the weight's type; the rest of the LoRA loads; no forward raises or logs."""
+    base = _opaque_flux()
+    inputs = sc.flux_inputs()
+    gen = torch.Generator().manual_seed(38)
+    rows, cols = base.model.diffusion_model.double_blocks[0].img_attn.proj.weight.shape
+    reader = {"lora_unet_double_blocks_0_img_attn_proj.%s" % k: v
+              for k, v in support.adapter_factors(kind, rows, cols, gen).items()}
+    other = sc.make_lora(base.model, "kohya", rank=4, seed=39, include=lambda key: "img_attn.qkv" in key)
+    expected = sc.forward(comfy.sd.load_lora_for_models(base, None, other, 1.0, 0)[0], inputs)
+    with sc.LogCapture() as logs:
+        patched = comfy.sd.load_bypass_lora_for_models(base, None, dict(other, **reader), 1.0, 0)[0]
+    warnings = [r.getMessage() for r in logs.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "refused" in warnings[0], warnings
+    assert "double_blocks.0.img_attn.proj.weight" in warnings[0] and "_Opaque" in warnings[0], warnings
+    with sc.LogCapture() as logs:
+        got = sc.forward(patched, inputs)
+    assert not [r for r in logs.records if "freefuse" in r.getMessage()]
+    assert sc.max_rel_diff(got, expected) <= REL_TOL

@@ -6,12 +6,13 @@ ComfyUI loads at start-up imports it). One module per job, imports pointing one 
 * ``comfyui``: make a ComfyUI tree importable as ``comfy`` (CPU mode);
 * ``models``: tiny models of every family, built by ComfyUI's own classes, and their inputs;
 * ``loras``: random LoRAs in every naming convention, from ComfyUI's own key map;
-* ``compare``: run a model as ComfyUI does, bypass vs merged (uses ``models``).
+* ``compare``: run a model as ComfyUI does, bypass vs merged (uses ``models``);
+* ``gguf``: tiny GGUF models loaded by ComfyUI-GGUF (imported on its own: it needs ``gguf``).
 
 ``from freefuse_bypass_patch import kit`` gives all of it under one name.
 """
 
-from .comfyui import default_comfyui, quiet_logging, start_quietly, use_comfyui
+from .comfyui import default_comfyui, load_custom_node, quiet_logging, start_quietly, use_comfyui
 from .compare import (LogCapture, chain, compare, direct_hook_vs_merged, forward, manager_bypass, max_rel_diff,
                       weights_snapshot)
 from .loras import (CONVENTIONS, family_lora, key_forms, load_lora_file, lora_targets, make_lora, named_targets,
@@ -20,7 +21,7 @@ from .models import (FAMILIES, SLICED, TINY_FLUX, available, flux_inputs, random
                      tiny_inputs, tiny_model)
 
 __all__ = [
-    "use_comfyui", "default_comfyui", "start_quietly", "quiet_logging",
+    "use_comfyui", "default_comfyui", "start_quietly", "quiet_logging", "load_custom_node",
     "TINY_FLUX", "FAMILIES", "SLICED", "tiny_flux", "random_patcher", "randomize_", "flux_inputs", "available",
     "tiny_model", "tiny_inputs",
     "CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",

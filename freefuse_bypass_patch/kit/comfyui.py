@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 
 def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
@@ -38,6 +38,33 @@ def use_comfyui(path: Optional[str], cpu: bool = True) -> None:
     args = getattr(comfy.cli_args, "args", None)
     if cpu and args is not None and hasattr(args, "cpu"):
         args.cpu = True
+
+
+def load_custom_node(folder: str) -> Tuple[int, bool]:
+    """(nodes registered, loaded without error): ``folder`` loaded by the running tree's own
+    custom-node loader, as ComfyUI loads ``custom_nodes/*`` at start-up."""
+    import asyncio
+
+    import comfy
+
+    if os.path.isdir(os.path.join(list(comfy.__path__)[0], "cmd")):
+        # the pip-installable fork: its vanilla importer logs an import error instead of returning one
+        from comfy.nodes import vanilla_node_importing
+        from comfy_compatibility.vanilla import prepare_vanilla_environment
+
+        from .compare import LogCapture
+
+        prepare_vanilla_environment()
+        with LogCapture() as logs:
+            exported = vanilla_node_importing._vanilla_load_custom_nodes_1(folder)
+        return len(exported.NODE_CLASS_MAPPINGS), not any(r.levelno >= logging.ERROR for r in logs.records)
+    import nodes
+
+    before = len(nodes.NODE_CLASS_MAPPINGS)
+    loaded = nodes.load_custom_node(folder)
+    if asyncio.iscoroutine(loaded):
+        loaded = asyncio.run(loaded)
+    return len(nodes.NODE_CLASS_MAPPINGS) - before, bool(loaded)
 
 
 def default_comfyui() -> Optional[str]:

@@ -28,8 +28,10 @@ def named_targets(model, prefix: str) -> List[Tuple[str, object, Tuple[int, int]
     """(lora name, key-map target, (out rows, in features)) for every 2-D weight named under ``prefix``."""
     import comfy.lora
 
+    from ..loader import model_tensors
+
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model_tensors(model).items()}  # logical shapes (GGUF too)
     out = []
     for name, target in key_map.items():
         if not name.startswith(prefix):

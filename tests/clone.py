@@ -1,7 +1,8 @@
-"""A copy of the repository laid out as ``git clone`` lays it out, for tests that need to write.
+"""Copies for tests that need to write: the repository as ``git clone`` lays it out, a ComfyUI tree.
 
 The ComfyUI trees and the checkout are read-only to the tests: loading the repository as a
-custom node, or building it with pip, happens on such a copy in a temporary folder.
+custom node, building it with pip, or starting a ComfyUI server happens on such a copy in a
+temporary folder.
 """
 
 import os
@@ -32,3 +33,12 @@ def copy_repository(dest):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, name), target)
     return dest
+
+
+def copy_comfyui(tree, dest):
+    """A writable copy of the ComfyUI tree ``tree`` at ``dest`` (its tests and caches left out)."""
+    skip = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "tests", "tests-unit")
+    shutil.copytree(tree, dest, ignore=skip, copy_function=shutil.copyfile)
+    for folder, _, _ in os.walk(dest):  # copytree keeps the read-only folders' modes
+        os.chmod(folder, 0o755)
+    return str(dest)

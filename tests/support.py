@@ -13,6 +13,10 @@ from freefuse_bypass_patch import kit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# The test environment's PYTHONPATH (conftest.py) without the checkout: what a process that must
+# import the plugin from elsewhere (a clone in custom_nodes) gets (e.g. the torchvision stand-in).
+PATH_WITHOUT_CHECKOUT = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                        if p and os.path.abspath(p) != ROOT)
 TREE = os.environ.get("COMFYUI_PATH", "")
 HAS_BYPASS = importlib.util.find_spec("comfy.weight_adapter.bypass") is not None
 
@@ -24,12 +28,12 @@ pre_bypass = pytest.mark.skipif(HAS_BYPASS, reason="only for ComfyUI without byp
 REL_TOL = 1e-5
 
 
-def run_python(args, env=None, timeout=600):
+def run_python(args, env=None, timeout=600, cwd=HERE):
     """Run ``python ARGS`` in a fresh process with the test environment; return CompletedProcess."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run([sys.executable] + list(args), capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=HERE)
+                          timeout=timeout, cwd=cwd)
 
 
 def scenario(activation, env=None, pre_args=(), args=()):

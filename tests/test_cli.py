@@ -6,9 +6,25 @@ import re
 import comfy.sd  # noqa: F401  (the plugin decides what this tree can do on this import)
 import pytest
 
+import clone
 import freefuse_bypass_patch as ffbp
 from freefuse_bypass_patch import kit as sc
-from support import HAS_BYPASS, ROOT, TREE, run_python
+from freefuse_bypass_patch.trees import is_install, tree_version
+from support import HAS_BYPASS, PATH_WITHOUT_CHECKOUT, ROOT, TREE, run_python
+
+README_VERSION = "0.28.0"  # the README shows check's output on this tree
+
+
+def _readme_sample(after):
+    """The first code block after the line that ends with ``after`` in README.md."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = text.split(after, 1)[1].split("```", 2)[1]
+    return block.split("\n", 1)[1].rstrip("\n").splitlines()
+
+
+def _printed(stdout):
+    """check's lines after the tree it found (the one line that names a local path)."""
+    return [line for line in stdout.splitlines() if not line.startswith(("(no torchvision", "ComfyUI "))]
 
 
 def test_check_shows_stock_vs_patched():
@@ -16,10 +32,12 @@ def test_check_shows_stock_vs_patched():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if HAS_BYPASS:
         assert "RESULT: bypass == merged" in proc.stdout
-        patched = re.search(r"^patched\s+(\d+)\s+(\S+)", proc.stdout, re.M)
+        patched = re.search(r"^patched\s+(\d+)\s+<(\S+)", proc.stdout, re.M)
         assert patched and int(patched.group(1)) == 0 and float(patched.group(2)) <= 1e-5, proc.stdout
     else:
         assert "RESULT: hook == merged" in proc.stdout and "stays inert" in proc.stdout
+    if tree_version(TREE) == README_VERSION:  # the README's sample is this output, as printed
+        assert _readme_sample("Output on %s:" % README_VERSION) == _printed(proc.stdout), proc.stdout
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -31,13 +49,13 @@ def test_dry_run_of_a_lora_file(family, tmp_path):
     proc = run_python(["-m", "freefuse_bypass_patch", "check", "--comfyui", TREE, "--lora", path, "--model", family])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "LoRA my_lora.safetensors on a %s key map" % family in out
+    assert "LoRA my_lora.safetensors on a %s model" % family in out
     forms = re.search(r"whole weights (\d+), fused slices (\d+), diff functions (\d+); tensors not matched: (\d+)", out)
     assert forms, out
     whole, sliced, funcs, unmatched = map(int, forms.groups())
     assert sliced > 0 and unmatched == 0 and whole + sliced + funcs == len(lora) // 2
-    applied = re.search(r"plugin: applies (\d+) adapter", out)
-    assert applied and int(applied.group(1)) == len(lora) // 2
+    applied = re.search(r"plugin: applies (\d+) of (\d+) adapter.*; refused (\d+)$", out, re.M)
+    assert applied and list(map(int, applied.groups())) == [len(lora) // 2, len(lora) // 2, 0], out
     if HAS_BYPASS:
         native = ffbp.capabilities().native_offsets  # the 0.14.1 fork applies slices itself
         expected = ("applies the slices but ignores %d diff function" % funcs if native
@@ -64,3 +82,30 @@ def test_benchmark_runs_as_documented():
     assert re.search(r"^masked / merged with 2 LoRAs: \d+\.\d+x \(target <= 1\.12x: (PASS|MISS)\)$", out, re.M), out
     floor = re.search(r"traffic floor \(1 LoRA\): (\d+\.\d+) GB per forward", out)
     assert floor and float(floor.group(1)) > 0, out
+
+
+def test_commands_find_the_comfyui_around_a_clone(tmp_path):
+    """Run from ComfyUI/custom_nodes/<clone>, check and status use that ComfyUI (no --comfyui, no
+    $COMFYUI_PATH); $COMFYUI_PATH still comes first."""
+    if not is_install(TREE):
+        pytest.skip("%s has no main.py or comfy/cmd: not a ComfyUI install to look for" % TREE)
+    comfyui = clone.copy_comfyui(TREE, tmp_path / "ComfyUI")
+    node = clone.copy_repository(os.path.join(comfyui, "custom_nodes", "ComfyUI-FreeFuse-Bypass-Patch"))
+    env = {"COMFYUI_PATH": "", "PYTHONPATH": PATH_WITHOUT_CHECKOUT}  # the clone itself, as a user runs it
+    status = run_python(["-m", "freefuse_bypass_patch", "status"], env=env, cwd=node)
+    assert status.returncode == 0, status.stdout + status.stderr[-3000:]
+    assert "package: freefuse_bypass_patch %s at %s" % (ffbp.__version__, os.path.join(node, "freefuse_bypass_patch")) \
+        in status.stdout, status.stdout
+    assert "at %s (around the current folder)" % comfyui in status.stdout, status.stdout
+    assert "capabilities: bypass_module=%s" % HAS_BYPASS in status.stdout, status.stdout
+
+    status = run_python(["-m", "freefuse_bypass_patch", "status"], env=dict(env, COMFYUI_PATH=TREE), cwd=node)
+    assert "at %s ($COMFYUI_PATH)" % os.path.abspath(TREE) in status.stdout, status.stdout
+
+    lora = sc.family_lora(sc.tiny_flux().model, "flux", rank=2)
+    path = sc.save_lora(lora, str(tmp_path / "tiny.safetensors"))
+    check = run_python(["-m", "freefuse_bypass_patch", "check", "--lora", path], env=env, cwd=node)
+    assert check.returncode == 0, check.stdout + check.stderr[-3000:]
+    assert re.search(r"^ComfyUI \S+ at %s \(around the current folder\)$" % re.escape(comfyui), check.stdout, re.M), \
+        check.stdout
+    assert "plugin: applies %d of %d adapter(s)" % (len(lora) // 2, len(lora) // 2) in check.stdout, check.stdout

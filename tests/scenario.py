@@ -1,16 +1,19 @@
 """One bypass-vs-merged scenario in a fresh process, activated one of three ways.
 
 Run by tests/test_activation.py and tests/test_install.py: ``python tests/scenario.py
-ACTIVATION COMFYUI_TREE [FOLDER_NAME [preloaded]]`` with ACTIVATION in {explicit,
+ACTIVATION COMFYUI_TREE [FOLDER_NAME [preloaded|nowrapt]]`` with ACTIVATION in {explicit,
 sitecustomize, custom_nodes}; prints one JSON line. custom_nodes copies the repository, as
 a clone lays it out, into ``custom_nodes/FOLDER_NAME`` of a temporary folder and loads it
-with the tree's own loader (``preloaded``: after importing the package, as ``enable`` does). The plugin's
+with the tree's own loader (``preloaded``: after importing the package, as ``enable`` does;
+``nowrapt``: in a Python where ``import wrapt`` fails, as before ``pip install -r
+requirements.txt``; then only the load is reported). The plugin's
 test kit is loaded from its folder under a name of its own, not as part of the package, so
 that importing it does not activate the plugin (custom_nodes must be activated by ComfyUI's
 own loader).
 """
 
 import atexit
+import importlib.abc
 import importlib.util
 import json
 import logging
@@ -30,6 +33,15 @@ def _scratch(prefix):
     path = tempfile.mkdtemp(prefix=prefix)
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+class _NoWrapt(importlib.abc.MetaPathFinder):
+    """``import wrapt`` fails as it does where wrapt is not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "wrapt" or name.startswith("wrapt."):
+            raise ModuleNotFoundError("No module named %r" % name, name=name)
+        return None
 
 
 def _load_kit():
@@ -75,6 +87,11 @@ def _activate(how, tree, extra):
         with sc.LogCapture() as logs:
             report["nodes_added"], report["loader_result"] = sc.load_custom_node(node_dir)
         report["loader_warnings"] = [r.getMessage() for r in logs.records if r.levelno >= logging.WARNING]
+        report["node_dir"] = node_dir
+        if "nowrapt" in extra:
+            report["modules"] = sorted(m for m in sys.modules if m.startswith("freefuse_bypass_patch"))
+            report["patched"] = bool(getattr(getattr(comfy.sd, "load_bypass_lora_for_models", None), MARK, False))
+            return sc, report
         import freefuse_bypass_patch as ffbp
 
         report["package_dir"] = os.path.dirname(ffbp.__file__)
@@ -95,6 +112,16 @@ def _loaded_copies():
 
 
 def main(how, tree, *extra):
+    if "nowrapt" in extra:
+        sys.meta_path.insert(0, _NoWrapt())
+        try:
+            sc, report = _activate(how, tree, extra)
+        except ModuleNotFoundError as err:  # the tree itself imports wrapt (the 0.12.1 fork)
+            if err.name != "wrapt":
+                raise
+            report = {"tree_needs_wrapt": True}
+        print("SCENARIO " + json.dumps(report))
+        return
     sc, report = _activate(how, tree, extra)
     import comfy.sd
 

@@ -7,6 +7,7 @@ device (every module and shape, no weights): ComfyUI's bypass loader (patched), 
 injection it sets, run as ``patch_model`` runs it; what the hooks hold is what was decided.
 """
 
+import os
 import re
 
 import comfy.sd  # noqa: F401  (the plugin decides what this tree can do on this import)
@@ -14,9 +15,24 @@ import pytest
 
 from freefuse_bypass_patch import kit, loader
 from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
-from support import HAS_BYPASS, TREE, run_python
+from freefuse_bypass_patch.trees import tree_version
+from support import HAS_BYPASS, ROOT, TREE, run_python
 
 SIZES = dict(hidden_size=3072, depth=2, depth_single_blocks=3)
+README_VERSION = "0.28.0"  # the README shows this dry run on this tree
+
+
+def _readme_lines(after):
+    """The lines of the code block after the line that ends with ``after`` in README.md, "..." left out."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = text.split(after, 1)[1].split("```", 2)[1].split("\n", 1)[1]
+    return [line for line in block.rstrip("\n").splitlines() if line.strip() != "..."]
+
+
+def _shown_in_readme(out, after):
+    if tree_version(TREE) == README_VERSION:
+        lines = out.splitlines()
+        assert [line for line in _readme_lines(after) if line not in lines] == [], out
 
 
 def _real_model(**sizes):
@@ -93,6 +109,7 @@ def test_dry_run_of_a_real_width_flux_lora_is_what_a_load_does(convention, tmp_p
     assert len(expected) == adapters  # every adapter is in a hook, each once
     assert _printed(out) == expected
     if convention == "diffusers":  # the slices are named: q, k, v of a fused qkv, and linear1's mlp part
+        _shown_in_readme(out, "checks these lines on %s):" % README_VERSION)
         assert re.search(r"^  double_blocks\.1\.img_attn\.qkv: LoRA \[0:3072\] factored, LoRA \[3072:6144\] factored, "
                          r"LoRA \[6144:9216\] factored$", out, re.M), out
         assert re.search(r"^  single_blocks\.2\.linear1: .*LoRA \[9216:21504\] factored$", out, re.M), out
@@ -102,14 +119,16 @@ def test_dry_run_of_a_real_width_flux_lora_is_what_a_load_does(convention, tmp_p
 def test_model_config_overrides_and_refusals_name_the_reason(tmp_path):
     """A width that does not fit the file: every adapter refused, each with the shapes, as a load on
     such a model refuses them."""
-    lora = kit.make_lora(_real_model().model, "kohya", rank=2)
-    path = kit.save_lora(lora, str(tmp_path / "flux_kohya.safetensors"))
+    lora = kit.family_lora(_real_model().model, "flux", rank=2)
+    path = kit.save_lora(lora, str(tmp_path / "flux_diffusers.safetensors"))
     out = _check(path, "--model-config", '{"hidden_size": 1536}')
     assert "from --model-config: hidden_size 1536" in out, out
     adapters = len(lora) // 2
     summary = re.search(r"^plugin: applies (\d+) of (\d+) adapter\(s\).*; refused (\d+)$", out, re.M)
     assert summary and list(map(int, summary.groups())) == [0, adapters, adapters], out
-    refused = re.findall(r"^REFUSED (\S+): LoRA key .* does not fit .*weight \((\d+), (\d+)\)", out, re.M)
+    refused = re.findall(r"^REFUSED (\S+)( \[\d+:\d+\]| \(\w+\))?: \w+ key .* does not fit .*weight \((\d+), (\d+)\)\); "
+                         r"adapter skipped$", out, re.M)
     assert len(refused) == adapters, out
-    assert ("double_blocks.0.img_attn.qkv", "4608", "1536") in refused
+    assert ("double_blocks.0.img_attn.qkv", " [0:1536]", "4608", "1536") in refused
     assert _real_load(_real_model(hidden_size=1536), kit.load_lora_file(path)) == set()
+    _shown_in_readme(out, "each with the shapes:")

@@ -114,7 +114,8 @@ def read_sizes(family: str, lora: Dict[str, torch.Tensor]) -> dict:
             if m and name in depths:
                 sizes[name] = max(sizes.get(name, 0), int(m.group(1)) + 1)
         width = _input_width(adapter)
-        if width is None or len(shapes.get(weight_key, ())) != 2:
+        input_sliced = isinstance(key, tuple) and len(key) > 1 and key[1] is not None and key[1][0] != 0
+        if width is None or input_sliced or len(shapes.get(weight_key, ())) != 2:
             continue
         if shapes[weight_key][1] == hidden:
             widths[width] += 1
@@ -195,7 +196,7 @@ def dry_run(patcher, lora: Dict[str, torch.Tensor]) -> DryRun:
             for slot in group:
                 decided[slot.key] = ("transient", "")
     adapters = {k: v for k, v in loaded.items() if isinstance(v, WeightAdapterBase)}
-    shapes = {k for k in patcher.model.state_dict()}
+    weight_keys = set(patcher.model.state_dict())
     decisions = []
     for key, patch in loaded.items():
         module, where = _place(key)
@@ -211,8 +212,8 @@ def dry_run(patcher, lora: Dict[str, torch.Tensor]) -> DryRun:
             decisions.append(Decision(key, module, where, form or kind, how))
         else:
             weight_key = key if isinstance(key, str) else key[0]
-            why = _reason(load_logs, key) or ("no weight %s in this model" % weight_key if weight_key not in shapes
-                                              else "not applied (no reason logged)")
+            why = _reason(load_logs, key) or ("no weight %s in this model" % weight_key
+                                              if weight_key not in weight_keys else "not applied (no reason logged)")
             decisions.append(Decision(key, module, where, kind, "refused", why))
     return DryRun(tensors=len(lora), patches=len(loaded), forms=key_forms(loaded),
                   not_matched=logs.count("lora key not loaded"),

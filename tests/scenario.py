@@ -14,6 +14,7 @@ own loader).
 
 import atexit
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import json
 import logging
@@ -45,8 +46,14 @@ class _NoWrapt(importlib.abc.MetaPathFinder):
 
 
 def _load_kit():
+    """The kit as ``ffbp_scenario.kit``: its parent package stands for the plugin's folder but
+    is never executed (the plugin's ``__init__`` would activate it); the runtime modules the
+    kit imports relatively (``..loader``) load under that name, and activate nothing."""
+    parent = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("ffbp_scenario", None, is_package=True))
+    parent.__path__ = [PKG]
+    sys.modules[parent.__name__] = parent
     kit = os.path.join(PKG, "kit")
-    spec = importlib.util.spec_from_file_location("ffbp_kit", os.path.join(kit, "__init__.py"),
+    spec = importlib.util.spec_from_file_location("ffbp_scenario.kit", os.path.join(kit, "__init__.py"),
                                                   submodule_search_locations=[kit])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its modules import each other relatively

@@ -61,7 +61,7 @@ class NaiveHooks:
     """
 
     def __init__(self, model, loaded, strength, device, dtype, mask=None, text_tokens=0):
-        from freefuse_bypass_patch.masks import module_role
+        from freefuse_bypass_patch.layouts import module_role
 
         self.entries = []
         for key, adapter in loaded.items():

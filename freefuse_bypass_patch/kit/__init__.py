@@ -16,13 +16,13 @@ from .compare import (LogCapture, chain, compare, direct_hook_vs_merged, forward
                       weights_snapshot)
 from .loras import (CONVENTIONS, family_lora, key_forms, load_lora_file, lora_targets, make_lora, named_targets,
                     random_lora, save_lora)
-from .models import (FAMILIES, SLICED, TINY_FLUX, available, flux_inputs, random_patcher, randomize_, tiny_flux,
-                     tiny_inputs, tiny_model)
+from .models import (FAMILIES, MODELS, SLICED, TINY_FLUX, TINY_SDXL, available, flux_inputs, random_patcher,
+                     randomize_, sdxl_inputs, tiny_flux, tiny_inputs, tiny_model, tiny_sdxl)
 
 __all__ = [
     "use_comfyui", "default_comfyui", "start_quietly", "quiet_logging",
     "TINY_FLUX", "FAMILIES", "SLICED", "tiny_flux", "random_patcher", "randomize_", "flux_inputs", "available",
-    "tiny_model", "tiny_inputs",
+    "tiny_model", "tiny_inputs", "MODELS", "TINY_SDXL", "tiny_sdxl", "sdxl_inputs",
     "CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",
     "load_lora_file", "key_forms",
     "forward", "manager_bypass", "LogCapture", "weights_snapshot", "max_rel_diff", "chain", "compare",

@@ -13,6 +13,7 @@ The token rules are issue 15's, written here from the model code, not from the p
 * DiT grids of another size: nearest-exact. Padding, rest and unmasked runs: scale 1.
 """
 
+import contextlib
 import math
 import re
 
@@ -76,10 +77,15 @@ def without_functions(base, sd):
 def masked_reference(family, base, inputs, loras):
     """Output of ``base`` with ``loras`` = [(state dict, strength, image mask, text mask)] applied by the
     reference hooks. Image masks: (H, W) or (rows, H, W) grids; text masks: (N_txt,) or (rows, N_txt)."""
+    with reference_hooks(family, base, grid_of(family, base, inputs), inputs["c_crossattn"].shape[1], loras):
+        return sc.forward(base, inputs)
+
+
+@contextlib.contextmanager
+def reference_hooks(family, base, grid, n_txt, loras):
+    """The reference hooks on ``base``'s modules while inside (for forwards or a whole sampling run)."""
     model = base.model.diffusion_model
-    grid = grid_of(family, base, inputs)
     n_img = grid[0] * grid[1]
-    n_txt = inputs["c_crossattn"].shape[1]
     multiple = getattr(model, "pad_tokens_multiple", None) if LAYOUT[family] == "lumina" else None
     image_pad = (-n_img) % multiple if multiple else 0
     level = {}
@@ -134,7 +140,7 @@ def masked_reference(family, base, inputs, loras):
             hook = make(up, down, strength * scale, offset, image, text, role(family, path))
             handles.append(model.get_submodule(path).register_forward_hook(hook))
     try:
-        return sc.forward(base, inputs)
+        yield
     finally:
         for h in handles:
             h.remove()

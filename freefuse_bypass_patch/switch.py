@@ -36,6 +36,9 @@ def set_loras_enabled(patcher, enabled: Mapping[LoraKey, bool]) -> None:
     the chain, a value that is not a bool raises TypeError, and then nothing is changed.
     """
     names = bypass_loras(patcher)
+    if names and getattr(getattr(patcher, "model", None), "diffusion_model", None) is None:
+        raise ValueError("the LoRA switch acts on a diffusion model's patcher; %s has none (a text encoder's LoRAs "
+                         "are applied when the prompt is encoded)" % type(getattr(patcher, "model", patcher)).__name__)
     off = set(loras_off(patcher))
     for key, on in enabled.items():
         i = position(key, names)

@@ -190,17 +190,17 @@ def available(family: str) -> bool:
     return True
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, **overrides):
     """A ModelPatcher around a random ``family`` model (CPU, fp32, 0.3M to 2.6M parameters);
-    ``family`` is one of FAMILIES or "sdxl"."""
+    ``family`` is one of FAMILIES or "sdxl"; ``overrides`` change its unet_config (the benchmarks)."""
     if family == "flux":
-        return tiny_flux(seed)
+        return tiny_flux(seed, **overrides)
     if family == "sdxl":
-        return tiny_sdxl(seed)
+        return tiny_sdxl(seed, **overrides)
     import comfy.supported_models
 
     class_name, _ = _CONFIGS[family]
-    model_config = getattr(comfy.supported_models, class_name)(_config(family))
+    model_config = getattr(comfy.supported_models, class_name)(dict(_config(family), **overrides))
     model_config.set_inference_dtype(torch.float32, None)
     return random_patcher(model_config, seed)
 

@@ -21,7 +21,9 @@ owns all of its adapters, in load order, and this module keeps its lifecycle and
 
 What a hook keeps after a forward: the factors in the compute dtype and O(out) vectors
 (:meth:`FusedBypassHook.held_bytes`), dropped when it is detached. Per-LoRA token masks
-(:mod:`.masks`) scale each LoRA's term per token: in rank space for grouped forms.
+(:mod:`.masks`) scale each LoRA's term per token: in rank space for grouped forms; LoRAs
+switched off (:mod:`.switch`) are skipped. The manager hands each hook the source of that
+state (:mod:`.regional`).
 """
 
 from __future__ import annotations

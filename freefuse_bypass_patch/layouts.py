@@ -104,7 +104,9 @@ class Geometry:
         multiple = getattr(diffusion_model, "pad_tokens_multiple", None) if layout == "lumina" else None
         self.image_padding = (-self.image_tokens) % multiple if multiple else 0
         # Z-Image omni: reference captions come first, so the main caption is not at the start
-        self.text_placeable = not (layout == "lumina" and kwargs.get("ref_latents"))
+        refs = kwargs.get("ref_latents")
+        self.text_placeable = not (layout == "lumina" and (len(refs) if isinstance(refs, (list, tuple)) else
+                                                           refs is not None))
         self.levels = {self.image_tokens: self.grid}  # the UNet: each level's grid by its token count
         if layout == "unet":
             h, w = self.grid

@@ -222,3 +222,15 @@ def test_text_mask_of_the_wrong_length_names_both_shapes():
         sc.forward(masked, inputs)
     unmasked = sc.forward(chained, inputs)
     assert torch.equal(sc.forward(ffbp.with_lora_masks(masked, {}, text_masks={0: None}), inputs), unmasked)
+
+
+def test_text_masks_with_z_image_reference_latents_are_refused():
+    """Z-Image omni: the reference latents' captions come first, the prompt's is not at the start."""
+    if not sc.available("zimage"):
+        pytest.skip("this ComfyUI cannot build Z-Image")
+    base = sc.tiny_model("zimage")
+    inputs = dict(_inputs("zimage"), ref_latents=[torch.randn(1, 16, 8, 8)])
+    chained = _chain(base, _loras(base, "zimage"))
+    masked = ffbp.with_lora_masks(chained, {}, text_masks={"lora_1": torch.ones(TEXT)})
+    with pytest.raises(ffbp.LoraMaskError, match="'lora_1': this forward has reference latents"):
+        sc.forward(masked, inputs)

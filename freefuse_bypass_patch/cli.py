@@ -30,10 +30,11 @@ def main(argv=None) -> int:
                                               "e.g. '{\"hidden_size\": 3072, \"depth\": 19}'; they override "
                                               "the sizes read from the LoRA file")
     check.add_argument("--model", default="flux", help="model family: flux, chroma, flux2, sd3, pixart, "
-                                                      "lumina2, zimage, auraflow (default: flux)")
+                                                      "lumina2, zimage, auraflow, sdxl (default: flux)")
     check.add_argument("--rank", type=int, default=4)
     check.add_argument("--masks", action="store_true", help="two LoRAs with left/right token masks on a tiny "
-                       "Flux: a PNG of where each acts (--out, default freefuse_masks.png)")
+                       "Flux (--model sdxl or zimage for those): a PNG of where each acts (--out, default "
+                       "freefuse_masks.png)")
     check.add_argument("--out", default="freefuse_masks.png", help="the PNG written by --masks")
     site_help = "site-packages folder to use (default: this interpreter's, %s)" % autoactivate.site_packages()
     for name, text in (("enable", "patch ComfyUI in every interpreter of this environment (writes a .pth file)"),
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     if args.command == "check" and args.masks:
         from .maskview import run
 
-        return run(args.comfyui, args.out)
+        return run(args.comfyui, args.out, args.model)
     if args.command == "check":
         return run_check(args.comfyui, args.lora, args.rank, args.model, args.model_config)
     if args.command == "status":
@@ -143,7 +144,7 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     Without ``lora_path``: a random diffusers-format LoRA on a tiny ``family`` model, stock
     vs patched bypass against merged. With it: a dry run of loading that file (see dryrun.py).
     """
-    from .kit import (FAMILIES, available, build_model, compare, direct_hook_vs_merged, family_lora, load_lora_file,
+    from .kit import (MODELS, available, build_model, compare, direct_hook_vs_merged, family_lora, load_lora_file,
                       start_quietly, tiny_inputs, tiny_model)
 
     lora_path = os.path.abspath(lora_path) if lora_path else None
@@ -154,8 +155,8 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     from .dryrun import dry_run, load_model_config, model_sizes, print_dry_run
     from .patching import capabilities, comfyui_version
 
-    if family not in FAMILIES:
-        print("unknown model family %r; one of: %s" % (family, ", ".join(FAMILIES)))
+    if family not in MODELS:
+        print("unknown model family %r; one of: %s" % (family, ", ".join(MODELS)))
         return 2
     import comfy.sd  # noqa: F401  (the plugin patches, or decides to stay inert, on this import)
 

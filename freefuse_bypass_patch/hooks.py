@@ -21,7 +21,9 @@ owns all of its adapters, in load order, and this module keeps its lifecycle and
 
 What a hook keeps after a forward: the factors in the compute dtype and O(out) vectors
 (:meth:`FusedBypassHook.held_bytes`), dropped when it is detached. Per-LoRA token masks
-(:mod:`.masks`) scale each LoRA's term per token: in rank space for grouped forms.
+(:mod:`.masks`) scale each LoRA's term per token: in rank space for grouped forms; LoRAs
+switched off (:mod:`.switch`) are skipped. The manager hands each hook the source of that
+state (:mod:`.regional`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -232,19 +234,49 @@ class _Grouped:
         self.columns = tuple(merged)
         self.down_t = torch.cat(downs, dim=0).t().contiguous().to(dtype)
 
-    def add_(self, x2: torch.Tensor, out2: torch.Tensor, masks: Optional["LoraMasks"] = None) -> None:
-        """out2 += every form's term; with masks, each LoRA's rank columns scaled per token first."""
+    def add_(self, x2: torch.Tensor, out2: torch.Tensor, masks: Optional["LoraMasks"] = None,
+             off: FrozenSet[int] = frozenset()) -> None:
+        """out2 += every form's term; with masks, each LoRA's rank columns scaled per token first.
+
+        LoRAs in ``off`` add nothing: only the other LoRAs' rank columns reach the output.
+        """
+        on = self.columns
+        if off:
+            on = tuple(c for c in self.columns if c[2] not in off)
+            if not on:
+                return
         z = torch.mm(x2, self.down_t)
         if masks is not None:
-            for r0, r1, lora in self.columns:
+            for r0, r1, lora in on:
                 m = masks(lora)
                 if m is not None:
                     z[:, r0:r1].mul_(m)
+        if len(on) != len(self.columns):
+            return self._add_some(z, out2, on)
         if self.up_full_t is not None:
             out2.addmm_(z, self.up_full_t)
             return
         for start, length, r0, r1, up_t in self.plan:
             out2[:, start:start + length].addmm_(z[:, r0:r1], up_t)
+
+    def _add_some(self, z: torch.Tensor, out2: torch.Tensor, on: Sequence[Tuple[int, int, int]]) -> None:
+        """The up-projections of the rank columns ``on`` only (some LoRAs switched off)."""
+        ranges: List[List[int]] = []
+        for r0, r1, _ in on:  # adjacent ranges become one
+            if ranges and ranges[-1][1] == r0:
+                ranges[-1][1] = r1
+            else:
+                ranges.append([r0, r1])
+        if self.up_full_t is not None:
+            for r0, r1 in ranges:
+                out2.addmm_(z[:, r0:r1], self.up_full_t[r0:r1])
+            return
+        for start, length, p0, p1, up_t in self.plan:
+            rows = out2[:, start:start + length]
+            for r0, r1 in ranges:
+                a, b = max(r0, p0), min(r1, p1)
+                if a < b:
+                    rows.addmm_(z[:, a:b], up_t[a - p0:b - p0])
 
     def tensors(self) -> List[torch.Tensor]:
         return [self.down_t] + ([self.up_full_t] if self.up_full_t is not None else [p[4] for p in self.plan])
@@ -281,8 +313,10 @@ class FusedBypassHook:
     # How grouped up-projections are applied: "auto" (block-diagonal on CUDA, per slice
     # elsewhere), "block" or "sliced". Exposed for the benchmark and the tests.
     layout = "auto"
-    # Set by .masks: (hook, input) -> the LoRA masks for this forward, or None.
-    mask_source: Optional[Callable[["FusedBypassHook", torch.Tensor], Optional[LoraMasks]]] = None
+    # Given to each hook by its manager (see .regional): (hook, input) -> None (nothing to do: the
+    # fast path) or (the LoRA masks of this module in this forward or None, chain positions off).
+    mask_source: Optional[Callable[["FusedBypassHook", torch.Tensor],
+                                   Optional[Tuple[Optional[LoraMasks], FrozenSet[int]]]]] = None
 
     def __init__(self, module: torch.nn.Module, module_path: str, slots: Sequence[AdapterSlot]):
         self.module = module
@@ -337,23 +371,36 @@ class FusedBypassHook:
     def _forward_hook(self, module, args, output):
         if not args or not isinstance(output, torch.Tensor):
             return None
-        source = FusedBypassHook.mask_source
-        masks = source(self, args[0]) if source is not None else None
-        return self.apply(args[0], output, masks)
+        source = self.mask_source
+        state = source(self, args[0]) if source is not None else None
+        if state is None:
+            return self.apply(args[0], output)
+        return self.apply(args[0], output, *state)
 
-    def apply(self, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks] = None) -> torch.Tensor:
-        """Add every adapter's term to ``out`` (in place where possible) and return it."""
+    def apply(self, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks] = None,
+              off: FrozenSet[int] = frozenset()) -> torch.Tensor:
+        """Add every adapter's term to ``out`` (in place where possible) and return it.
+
+        ``masks`` scales each LoRA's term per token; the LoRAs in ``off`` (chain positions)
+        add nothing: with all of them off, ``out`` is returned untouched.
+        """
+        if off and all(slot.lora in off for slot in self.slots):
+            return out
         if not out.is_contiguous():
             out = out.contiguous()
         if self.form_slots:
             built = self._built.get((out.device, out.dtype))
             if built is None:
                 built = self._built[(out.device, out.dtype)] = self._build(out.device, out.dtype, out.is_cuda)
-            self._add_forms(built, x, out, masks)
+            self._add_forms(built, x, out, masks, off)
         for group in self.transient_groups:
-            self._add_transient(group, x, out, masks)
+            if off:  # the rest in load order, as if the LoRAs that are off were never loaded
+                group = tuple(slot for slot in group if slot.lora not in off)
+            if group:
+                self._add_transient(group, x, out, masks)
         for slot in self.trainable:
-            out = self._apply_trainable(slot, x, out)
+            if slot.lora not in off:
+                out = self._apply_trainable(slot, x, out)
         return out
 
     def _build(self, device, dtype, cuda: bool) -> _Built:
@@ -397,29 +444,33 @@ class FusedBypassHook:
             bias = read_bias(self.module, device, dtype)
         return _Built(tuple(segments), bias)
 
-    def _add_forms(self, built: _Built, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks]) -> None:
+    def _add_forms(self, built: _Built, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks],
+                   off: FrozenSet[int] = frozenset()) -> None:
         if not self.linear:
             xc = x if x.dtype == out.dtype else x.to(out.dtype)
-            for _, form, _ in built.segments:
-                out.narrow(1, form.start, form.length).add_(form.contribution(xc))
+            for _, form, lora in built.segments:
+                if lora not in off:
+                    out.narrow(1, form.start, form.length).add_(form.contribution(xc))
             return
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != out.dtype:
             x2 = x2.to(out.dtype)
         out2 = out.view(-1, out.shape[-1])
         if masks is not None and any(s[0] == "seq" for s in built.segments):
-            return self._add_forms_tracked(built, x2, out2, masks)
+            return self._add_forms_tracked(built, x2, out2, masks, off)
         for segment in built.segments:
             if segment[0] == "add":
                 if segment[1] is not None:
-                    segment[1].add_(x2, out2, masks)
+                    segment[1].add_(x2, out2, masks, off)
                 for form, lora in segment[2]:
+                    if lora in off:
+                        continue
                     rows, mask = out2.narrow(1, form.start, form.length), masks(lora) if masks is not None else None
                     if hasattr(form, "add_into"):
                         form.add_into(x2, rows, mask)
                     else:
                         _add_masked(rows, form.contribution(x2, None), mask)
-            else:
+            elif segment[2] not in off:
                 form = segment[1]
                 bias = built.bias.narrow(0, form.start, form.length) if built.bias is not None else None
                 rows = out2.narrow(1, form.start, form.length)
@@ -429,18 +480,20 @@ class FusedBypassHook:
                     y = rows - bias if bias is not None else rows.clone()
                     rows.add_(form.contribution(x2, y))
 
-    def _add_forms_tracked(self, built: _Built, x2, out2, masks: LoraMasks) -> None:
+    def _add_forms_tracked(self, built: _Built, x2, out2, masks: LoraMasks, off: FrozenSet[int] = frozenset()) -> None:
         """Masks with forms that read the output: those read y = W'x unmasked, tracked beside out."""
         y = out2 - built.bias if built.bias is not None else out2.clone()
         for segment in built.segments:
             if segment[0] == "add":
                 if segment[1] is not None:
-                    segment[1].add_(x2, y)
-                    segment[1].add_(x2, out2, masks)
+                    segment[1].add_(x2, y, None, off)
+                    segment[1].add_(x2, out2, masks, off)
                 pairs = segment[2]
             else:
                 pairs = ((segment[1], segment[2]),)
             for form, lora in pairs:
+                if lora in off:
+                    continue
                 rows = y.narrow(1, form.start, form.length)
                 d = form.contribution(x2, rows)
                 rows.add_(d)

@@ -7,7 +7,7 @@ Differences from stock ComfyUI:
 * chaining: the adapters of every earlier bypass LoRA on the input patcher are carried
   over (kept as an immutable tuple in a patcher attachment), so a second loader adds to
   the first instead of replacing it; the input patcher is never changed; each LoRA keeps
-  its chain position and a name (for token masks, :mod:`.masks`);
+  its chain position and a name (:mod:`.names`, for token masks and the LoRA switch);
 * one summary line; every adapter that is not applied is named in it;
 * one bad key is logged and skipped; the rest of the LoRA still loads.
 """
@@ -22,7 +22,7 @@ import torch
 from .hooks import AdapterSlot, UnreadableWeight, check_slot
 from .keys import BypassKeyError, Target, parse_target
 from .manager import FusedBypassManager
-from .masks import NAMES_ATTACHMENT, bypass_loras, next_name
+from .names import NAMES_ATTACHMENT, bypass_loras, next_name
 from .weights import logical_shape
 
 log = logging.getLogger(__name__)

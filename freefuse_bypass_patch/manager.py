@@ -15,7 +15,7 @@ import torch
 
 from .hooks import AdapterSlot, FusedBypassHook, UnreadableWeight, check_slot
 from .keys import Offset, parse_target
-from .masks import forward_hooks
+from .regional import ForwardState
 from .weights import logical_shape
 
 log = logging.getLogger(__name__)
@@ -74,18 +74,22 @@ class FusedBypassManager:
         return hooks
 
     def create_injections(self, model: torch.nn.Module) -> list:
-        """A single PatcherInjection that attaches and detaches every hook (and the forward
-        hooks that publish the patcher's token masks, see :mod:`.masks`)."""
+        """A single PatcherInjection that attaches and detaches every hook, and the forward
+        hooks that publish the patcher's token masks and LoRA switch (see :mod:`.regional`):
+        each hook is handed the source of that state."""
         from comfy.patcher_extension import PatcherInjection
 
         hooks = self.create_hooks(model)
+        state = ForwardState()
+        for hook in hooks:
+            hook.mask_source = state.source
         handles: list = []
 
         def inject(model_patcher=None):
             for hook in hooks:
                 hook.attach()
             if not handles:
-                handles.extend(forward_hooks(model, model_patcher))
+                handles.extend(state.watch(model, model_patcher))
 
         def eject(model_patcher=None):
             for hook in hooks:

@@ -1,8 +1,9 @@
 """``check --masks``: a picture of where two masked bypass LoRAs act, per image token.
 
 Numbers say little about regions; a picture does. Two random LoRAs ("left", "right") are
-chained on a tiny Flux with complementary half masks, and for each LoRA two per-token maps
-are measured against the same chain with that LoRA's mask set to zero:
+chained on a tiny Flux, SDXL or Z-Image (``--model``) with complementary half masks, and
+for each LoRA two per-token maps are measured against the same chain with that LoRA's
+mask set to zero:
 
 * modules: the term the LoRA adds inside every Linear, fed the same input in both runs
   (the masked run's inputs are replayed), so only the LoRA's own term differs. This is the
@@ -20,14 +21,16 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .kit import flux_inputs, make_lora, start_quietly, tiny_flux
+from .kit import family_lora, flux_inputs, make_lora, start_quietly, tiny_flux, tiny_inputs, tiny_model
 
-GRID = 16  # token grid side: a 32x32 latent, patch 2
+GRID = 16  # token grid side: a 32x32 latent (patch 2; SDXL: its first transformer level)
 CELL = 16  # pixels per token in the PNG
 MARGIN = 8
 TITLE = 14  # height of a text row
 PANELS = ("in the modules", "model output")
 NAMES = ("left", "right")
+MODELS = ("flux", "sdxl", "zimage")
+LABELS = {"flux": "Flux", "sdxl": "SDXL", "zimage": "Z-Image"}
 COLOURS = ((255, 60, 60), (60, 120, 255))  # left: red, right: blue
 SIZE = (len(PANELS) * GRID * CELL + (len(PANELS) + 1) * MARGIN, 2 * MARGIN + GRID * CELL + 2 * TITLE + MARGIN)
 
@@ -43,8 +46,11 @@ def half_masks() -> Dict[str, torch.Tensor]:
     return {"left": left, "right": 1.0 - left}
 
 
-def run(comfyui: Optional[str], out_path: str = "freefuse_masks.png") -> int:
+def run(comfyui: Optional[str], out_path: str = "freefuse_masks.png", family: str = "flux") -> int:
     """Build, measure, draw and print; 0 when the masks confine each LoRA's term to its half."""
+    if family not in MODELS:
+        print("token mask pictures are drawn for %s, not %r" % (", ".join(MODELS), family))
+        return 2
     out_path = os.path.abspath(out_path)  # before use_comfyui, which may change directory
     comfyui = start_quietly(comfyui)
     if comfyui is None:
@@ -65,16 +71,21 @@ def run(comfyui: Optional[str], out_path: str = "freefuse_masks.png") -> int:
         print("the plugin is not active (%s): token masks need it" % "; ".join(caps.problems or ["disabled"]))
         return 2
 
-    base = tiny_flux(0)
-    inputs = flux_inputs(image=2 * GRID)
+    if family == "flux":
+        base, inputs = tiny_flux(0), flux_inputs(image=2 * GRID)
+    else:
+        base, inputs = tiny_model(family), tiny_inputs(family, image=2 * GRID)
     chain = base
     for seed, name in enumerate(NAMES, start=11):
-        lora = make_lora(base.model, "diffusers", rank=4, seed=seed, alpha=4)
+        if family == "flux":
+            lora = make_lora(base.model, "diffusers", rank=4, seed=seed, alpha=4)
+        else:
+            lora = family_lora(base.model, family, seed=seed, rank=4)
         with lora_name(name):
             chain = comfy.sd.load_bypass_lora_for_models(chain, None, lora, 1.0, 0)[0]
     masks = half_masks()
     masked = with_lora_masks(chain, masks)
-    text = inputs["c_crossattn"].shape[1]
+    tokens = _token_layout(family, base, inputs)
 
     out, taps = _run(masked, inputs)
     maps, text_max = {}, 0.0
@@ -82,12 +93,12 @@ def run(comfyui: Optional[str], out_path: str = "freefuse_masks.png") -> int:
         off = with_lora_masks(masked, {name: torch.zeros(GRID, GRID)})
         out_off, _ = _run(off, inputs)
         _, taps_off = _run(off, inputs, replay=[x for x, _ in taps])
-        term, text_part = _module_term(taps, taps_off, text)
+        term, text_part = _module_term(taps, taps_off, tokens)
         maps[name] = (term, _output_term(out, out_off))
         text_max = max(text_max, text_part)
 
-    print("two random diffusers LoRAs (rank 4) on a tiny Flux, %dx%d image tokens; mask 'left' = left half, "
-          "'right' = right half" % (GRID, GRID))
+    print("two random diffusers LoRAs (rank 4) on a tiny %s, %s; mask 'left' = left half, 'right' = right half"
+          % (LABELS[family], tokens["describe"]))
     print("per image token, the L2 norm of what each LoRA adds (vs the same chain with its mask set to zero):")
     print("%-16s %-6s %12s %12s %16s" % ("measure", "LoRA", "inside", "outside", "outside/inside"))
     ok = text_max == 0.0
@@ -100,7 +111,7 @@ def run(comfyui: Optional[str], out_path: str = "freefuse_masks.png") -> int:
                 ok = ok and float(values[~inside].max()) == 0.0 and float(values[inside].min()) > 0.0
             else:
                 ok = ok and mean_in > mean_out
-    print("text tokens: largest change of a LoRA's term when its mask is zeroed: %.3e (text is never masked)"
+    print("text tokens: largest change of a LoRA's term when its mask is zeroed: %.3e (no text masks set)"
           % text_max)
     print("not masked, by design: text-side modules, modulation and layers outside the blocks (the same in both"
           " runs, so absent from these maps)")
@@ -148,27 +159,54 @@ def _run(patcher, inputs, replay: Optional[List[torch.Tensor]] = None):
     return out, taps
 
 
-def _module_term(taps, taps_off, text: int) -> Tuple[torch.Tensor, float]:
+def _token_layout(family: str, base, inputs) -> dict:
+    """What the Linears of ``family`` see, by token count: image grids, text, text before the image.
+
+    Flux: image modules the 16x16 grid, single blocks [text | grid], text modules the text.
+    SDXL: the transformers at 16x16 and 8x8 (the 32x32 latent is not attended), attn2.to_k/v
+    the text. Z-Image: the main layers [caption padded to 32 | grid], the refiners one of them.
+    """
+    text = inputs["c_crossattn"].shape[1]
+    if family == "sdxl":
+        return dict(levels={GRID * GRID: GRID, (GRID // 2) ** 2: GRID // 2}, before=None, text={text},
+                    describe="%dx%d and %dx%d image tokens" % (GRID, GRID, GRID // 2, GRID // 2))
+    if family == "zimage":
+        multiple = base.model.diffusion_model.pad_tokens_multiple
+        padded = text + (-text) % multiple
+        return dict(levels={GRID * GRID: GRID}, before=padded, text={text, padded},
+                    describe="%dx%d image tokens after %d caption tokens" % (GRID, GRID, padded))
+    return dict(levels={GRID * GRID: GRID}, before=text, text={text}, describe="%dx%d image tokens" % (GRID, GRID))
+
+
+def _module_term(taps, taps_off, layout: dict) -> Tuple[torch.Tensor, float]:
     """(GRID, GRID) norm of the term over all Linears, and the largest change on text tokens.
 
-    Token layouts of Flux: image-only modules see the grid; single blocks see text then grid.
+    A coarser grid (SDXL's 8x8 level) counts on every display token it covers.
     """
-    image = GRID * GRID
-    squares = torch.zeros(image)
+    squares = torch.zeros(GRID, GRID)
     text_max = 0.0
     if len(taps) != len(taps_off) or any(not torch.equal(a[0], b[0]) for a, b in zip(taps, taps_off)):
         raise RuntimeError("the replayed forward did not feed every Linear its recorded input")
+    levels, before = layout["levels"], layout["before"]
     for (_, y), (_, y_off) in zip(taps, taps_off):
         diff = (y - y_off)[0]
         tokens = diff.shape[0]
-        if tokens == image:
-            squares += diff.pow(2).sum(-1)
-        elif tokens == text + image:
-            squares += diff[text:].pow(2).sum(-1)
-            text_max = max(text_max, float(diff[:text].abs().max()))
-        elif tokens == text:
+        if tokens in levels:
+            image = diff
+        elif before is not None and tokens - before in levels:
+            image = diff[before:]
+            text_max = max(text_max, float(diff[:before].abs().max()))
+        elif tokens in layout["text"]:
             text_max = max(text_max, float(diff.abs().max()))
-    return squares.sqrt().reshape(GRID, GRID), text_max
+            continue
+        elif bool((diff != 0).any()):  # e.g. a modulation vector as one token: never masked
+            raise RuntimeError("a Linear that saw %d tokens changed with a mask; this picture does not place it" % tokens)
+        else:
+            continue
+        side = levels[image.shape[0]]
+        cells = image.pow(2).sum(-1).reshape(side, side)
+        squares += cells.repeat_interleave(GRID // side, 0).repeat_interleave(GRID // side, 1)
+    return squares.sqrt(), text_max
 
 
 def _output_term(out: torch.Tensor, out_off: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Bypass LoRAs on a text encoder (ComfyUI's own SD1 CLIP-L class, tiny): chained LoRAs all
 stay active, the CLIP they were cloned from keeps its own, and bypass equals merged."""
 
+import pytest
+
 import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -69,3 +71,16 @@ def test_chained_clip_loras_stay_active_and_match_merged():
     assert sc.max_rel_diff(encode(second), merged_out) <= REL_TOL  # both LoRAs active
     assert sc.max_rel_diff(encode(first), merged_a) <= REL_TOL  # the first keeps its own only
     assert torch.equal(encode(clip), base_out)
+
+
+def test_masks_and_the_switch_refuse_a_text_encoder_patcher():
+    """They act on the diffusion model; on a CLIP patcher they would do nothing, so they say so."""
+    import freefuse_bypass_patch as ffbp
+
+    clip = comfy.sd.load_bypass_lora_for_models(None, tiny_clip(), clip_lora(tiny_clip(), 3), 0, 1.0)[1]
+    assert ffbp.bypass_loras(clip.patcher) == ["lora_0"]
+    with pytest.raises(ValueError, match="diffusion model's patcher; SD1ClipModel has none"):
+        ffbp.set_loras_enabled(clip.patcher, {0: False})
+    with pytest.raises(ffbp.LoraMaskError, match="SD1ClipModel is not supported"):
+        ffbp.set_lora_masks(clip.patcher, {0: torch.ones(4)})
+    assert ffbp.loras_enabled(clip.patcher) == {"lora_0": True}

@@ -1,6 +1,7 @@
 """The package's imports point one way, and ComfyUI start-up never loads the test kit.
 
-Runtime: keys, weights -> forms -> hooks -> masks -> manager -> loader -> wrappers -> patching -> __init__.
+Runtime: keys, weights -> forms -> hooks -> names, layouts -> masks, switch -> regional -> manager -> loader
+-> wrappers -> patching -> __init__.
 Self-check side: kit (comfyui, models, loras, compare, gguf) -> dryrun, maskview -> cli -> __main__.
 """
 
@@ -11,7 +12,8 @@ import textwrap
 from support import ROOT, TREE, run_python
 
 PKG = os.path.join(ROOT, "freefuse_bypass_patch")
-RUNTIME = {"__init__", "keys", "weights", "forms", "hooks", "masks", "manager", "loader", "wrappers", "patching", "_version"}
+RUNTIME = {"__init__", "keys", "weights", "forms", "hooks", "names", "layouts", "masks", "switch", "regional", "manager",
+           "loader", "wrappers", "patching", "_version"}
 SELF_CHECK = ("kit", "dryrun", "maskview", "cli")
 
 

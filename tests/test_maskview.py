@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from PIL import Image
 
 from freefuse_bypass_patch import maskview
@@ -19,9 +21,11 @@ def _token_colours(image, panel):
 
 
 @bypass_era
-def test_check_masks_draws_each_lora_on_its_half(tmp_path):
+@pytest.mark.parametrize("model", maskview.MODELS)
+def test_check_masks_draws_each_lora_on_its_half(tmp_path, model):
     path = tmp_path / "masks.png"
-    proc = run_python(["-m", "freefuse_bypass_patch", "check", "--masks", "--out", str(path), "--comfyui", TREE])
+    proc = run_python(["-m", "freefuse_bypass_patch", "check", "--masks", "--model", model, "--out", str(path),
+                       "--comfyui", TREE])
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert "RESULT: each LoRA acts only inside its mask" in out and "wrote %s" % path in out
@@ -43,6 +47,8 @@ def test_check_masks_draws_each_lora_on_its_half(tmp_path):
     modules = _token_colours(image, 0)
     for (r, c), (red, _, blue) in modules.items():
         assert (red > blue) if c in left_cols else (blue > red), ((r, c), (red, blue))
+    if model != "flux":
+        return  # the UNet's convs and Z-Image's attention spread the output more: the numbers above say how much
     output = _token_colours(image, 1)
     for half, dominant in ((True, 0), (False, 2)):
         pixels = [rgb for (r, c), rgb in output.items() if (c in left_cols) == half]

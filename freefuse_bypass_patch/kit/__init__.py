@@ -17,15 +17,15 @@ from .compare import (LogCapture, chain, compare, direct_hook_vs_merged, forward
                       weights_snapshot)
 from .loras import (CONVENTIONS, family_lora, key_forms, load_lora_file, lora_targets, make_lora, named_targets,
                     random_lora, save_lora)
-from .models import (FAMILIES, FLUX_1, RELEASED, SLICED, TINY_FLUX, available, build_model, detectable_flux_state_dict,
-                     flux_config, flux_inputs, random_patcher, randomize_, released_config, tiny_config, tiny_flux,
-                     tiny_inputs, tiny_model)
+from .models import (FAMILIES, FLUX_1, MODELS, RELEASED, SLICED, TINY_FLUX, TINY_SDXL, available, build_model,
+                     detectable_flux_state_dict, flux_config, flux_inputs, random_patcher, randomize_, released_config,
+                     sdxl_inputs, tiny_config, tiny_flux, tiny_inputs, tiny_model, tiny_sdxl)
 
 __all__ = [
     "use_comfyui", "default_comfyui", "start_quietly", "quiet_logging", "load_custom_node",
     "TINY_FLUX", "FAMILIES", "SLICED", "tiny_flux", "random_patcher", "randomize_", "flux_inputs", "available",
     "tiny_model", "tiny_inputs", "tiny_config", "FLUX_1", "RELEASED", "flux_config", "released_config", "build_model",
-    "detectable_flux_state_dict",
+    "detectable_flux_state_dict", "MODELS", "TINY_SDXL", "tiny_sdxl", "sdxl_inputs",
     "CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",
     "load_lora_file", "key_forms",
     "forward", "manager_bypass", "LogCapture", "weights_snapshot", "max_rel_diff", "chain", "compare",

@@ -90,23 +90,27 @@ def random_lora(targets, convention: str, rank: int, seed: int, scale: float, al
 
 
 def family_lora(model, family: str, seed: int = 0, rank: int = 4, convention: str = "diffusers",
-                scale: float = 0.2) -> Dict[str, torch.Tensor]:
+                scale: float = 0.2, alpha: Optional[float] = None,
+                include: Optional[Callable[[str], bool]] = None) -> Dict[str, torch.Tensor]:
     """A random LoRA on every 2-D weight that ``convention`` names in ComfyUI's key map.
 
     Fused weights get their slices (to_q/to_k/to_v, ...), function tuples (swap_scale_shift)
     their whole weight; each target gets one name only (load_lora keeps one patch per
     target), and a weight reached through slices gets no whole-weight name too. For
     "diffusers" the prefix is "transformer." where the key map has tuple targets under it,
-    else "diffusion_model." (ComfyUI 0.3.75 maps Lumina2's diffusers names only there).
+    else "unet." (SDXL/SD1: ``unet.down_blocks.N.attentions.K...processor.to_q``), else
+    "diffusion_model." (ComfyUI 0.3.75 maps Lumina2's diffusers names only there).
     ``family`` is unused beyond documentation: everything comes from the model's key map.
+    ``include(weight_key)`` filters the targets.
     """
     if convention == "diffusers":
         targets = named_targets(model, "transformer.")
         if not any(isinstance(t, tuple) for _, t, _ in targets):
-            targets = named_targets(model, "diffusion_model.") or targets
+            targets = named_targets(model, "unet.") or named_targets(model, "diffusion_model.") or targets
     else:
         targets = lora_targets(model, convention)
-    return random_lora(targets, convention, rank, seed, scale, one_name_per_target=True)
+    keep = (lambda weight_key, fused: include(weight_key)) if include is not None else None
+    return random_lora(targets, convention, rank, seed, scale, alpha, keep, one_name_per_target=True)
 
 
 def key_forms(loaded) -> Dict[str, int]:

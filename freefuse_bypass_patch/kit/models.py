@@ -102,6 +102,10 @@ _CONFIGS = {
 # Families whose key map has slices of fused weights (AuraFlow has a function tuple only).
 SLICED = frozenset(FAMILIES) - {"auraflow"}
 
+# Every model the kit builds: the fused-weight families and SDXL (UNet, no fused weights:
+# for token masks, whose layouts differ).
+MODELS = FAMILIES + ("sdxl",)
+
 
 def tiny_flux(seed: int = 0, device=None, dtype=None, manual_cast=None, **overrides):
     """A ModelPatcher around a random Flux built by ComfyUI's own classes (CPU, fp32 by default).
@@ -260,9 +264,14 @@ def available(family: str) -> bool:
     All four pinned trees (0.3.75, 0.12.1, 0.14.1, 0.28.0) build every family; a tree
     without the class, or whose constructor rejects this config, answers False.
     """
-    if family not in FAMILIES:
-        raise ValueError("unknown family %r (one of %s)" % (family, ", ".join(FAMILIES)))
-    if family != "flux":
+    if family not in MODELS:
+        raise ValueError("unknown family %r (one of %s)" % (family, ", ".join(MODELS)))
+    if family == "sdxl":
+        import comfy.supported_models
+
+        if not hasattr(comfy.supported_models, "SDXL"):
+            return False
+    elif family != "flux":
         import comfy.supported_models
 
         if not hasattr(comfy.supported_models, _CONFIGS[family][0]):
@@ -276,17 +285,22 @@ def available(family: str) -> bool:
 
 def tiny_config(family: str) -> dict:
     """The unet_config of ``tiny_model(family)``."""
+    if family == "sdxl":
+        return dict(TINY_SDXL)
     return dict(TINY_FLUX, txt_ids_dims=[]) if family == "flux" else dict(_CONFIGS[family][1])
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A ModelPatcher around a random ``family`` model (CPU, fp32, 0.3M to 1.7M parameters)."""
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A ModelPatcher around a random ``family`` model (CPU, fp32, 0.3M to 2.6M parameters);
+    ``family`` is one of FAMILIES or "sdxl"; ``overrides`` change its unet_config (the benchmarks)."""
     if family == "flux":
-        return tiny_flux(seed)
+        return tiny_flux(seed, **overrides)
+    if family == "sdxl":
+        return tiny_sdxl(seed, **overrides)
     import comfy.supported_models
 
     class_name, _ = _CONFIGS[family]
-    model_config = getattr(comfy.supported_models, class_name)(_config(family))
+    model_config = getattr(comfy.supported_models, class_name)(dict(_config(family), **overrides))
     model_config.set_inference_dtype(torch.float32, None)
     return random_patcher(model_config, seed)
 
@@ -295,6 +309,8 @@ def tiny_inputs(family: str, seed: int = 1, image: int = 8, tokens: int = 5) -> 
     """x, t and the apply_model keyword arguments ``family``'s diffusion model needs."""
     if family == "flux":
         return flux_inputs(seed, image=image, tokens=tokens)
+    if family == "sdxl":
+        return sdxl_inputs(seed, image=image, tokens=tokens)
     if family == "pixart":
         # PixArt's sin-cos position grid divides by round(image / 64) * 64 // patch: >= 48 pixels
         image = max(image, 48)
@@ -309,3 +325,40 @@ def tiny_inputs(family: str, seed: int = 1, image: int = 8, tokens: int = 5) -> 
     if family in ("lumina2", "zimage"):
         inputs["num_tokens"] = tokens  # Lumina2's forward requires the caption length
     return inputs
+
+
+# SDXL as comfy.model_detection describes it, at a tiny width: 64 channels on every level
+# (SDXL's num_head_channels is 64: one head), one ResBlock per level, a transformer block
+# at levels 1 and 2 and in the middle (as SDXL: none at full resolution), so one forward
+# sees two token grids (an odd 14x18 latent: 7x9 and 4x5). adm_in_channels is what
+# model_base.SDXL.encode_adm produces: the pooled text vector + 6 size embeddings of 256.
+TINY_SDXL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": _VEC + 6 * 256, "in_channels": 4,
+             "model_channels": 64, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1],
+             "channel_mult": [1, 1, 1], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+             "context_dim": _CTX, "num_head_channels": 64, "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def tiny_sdxl(seed: int = 0, device=None, **overrides):
+    """A ModelPatcher around a random SDXL UNet built by ``comfy.supported_models.SDXL``
+    (CPU, fp32, 2.6M parameters); ``overrides`` change the unet_config."""
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SDXL(dict(TINY_SDXL, **overrides))
+    model_config.set_inference_dtype(torch.float32, None)
+    return random_patcher(model_config, seed, device)
+
+
+def sdxl_inputs(seed: int = 1, image=8, tokens: int = 5, batch: int = 1, config=None, device=None,
+                dtype=torch.float32) -> dict:
+    """A 4-channel latent of ``image`` (an int or (height, width)), ``tokens`` text tokens and
+    the ``y`` vector (pooled text + size embeddings) the tiny SDXL takes."""
+    config = config or TINY_SDXL
+    height, width = (image, image) if isinstance(image, int) else image
+    gen = torch.Generator().manual_seed(seed)
+    tensors = dict(x=torch.randn(batch, config["in_channels"], height, width, generator=gen),
+                   t=torch.full((batch,), 0.5),
+                   c_crossattn=torch.randn(batch, tokens, config["context_dim"], generator=gen),
+                   y=torch.randn(batch, config["adm_in_channels"], generator=gen))
+    return {k: v.to(device=device or "cpu", dtype=dtype) for k, v in tensors.items()}

@@ -56,7 +56,7 @@ def models(node):
     """(GGUF patcher, fp32 reference patcher, {key: GGUF type}, inputs)."""
     quantized, reference, kinds = gguf_kit.gguf_flux(node, tempfile.mkdtemp(prefix="ffbp_gguf_model_"))
     assert {"Q8_0", "Q4_K"} <= set(kinds.values())
-    return quantized, reference, kinds, sc.flux_inputs(config=gguf_kit.DETECTABLE_FLUX)
+    return quantized, reference, kinds, sc.flux_inputs(config=gguf_kit.GGUF_FLUX)
 
 
 def _gguf_state(patcher, node):

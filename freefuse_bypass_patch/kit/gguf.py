@@ -20,13 +20,12 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .models import TINY_FLUX
+from .models import build_model, detectable_flux_state_dict, flux_config
 
-# What ComfyUI's model detection reads back for a Flux state dict: num_heads = hidden // 128
-# (axes_dim sums to 128), widths from img_in/txt_in/vector_in. Hidden 256 is the smallest
-# width whose block linears all take Q4_K (256-wide super-blocks): ~7M parameters.
-DETECTABLE_FLUX = dict(TINY_FLUX, hidden_size=256, num_heads=2, axes_dim=[16, 56, 56], context_in_dim=64,
-                       vec_in_dim=64)
+# A Flux that ComfyUI's model detection reads back as itself (2 heads of 128 at hidden 256).
+# Hidden 256 is the smallest width whose block linears all take Q4_K (256-wide super-blocks);
+# 2 + 2 blocks: ~7M parameters. flux_inputs(config=GGUF_FLUX) feeds it.
+GGUF_FLUX = flux_config(hidden_size=256, depth=2, depth_single_blocks=2, context_in_dim=64, vec_in_dim=64)
 
 NODE_ENV = "COMFYUI_GGUF_PATH"  # a ComfyUI-GGUF checkout; default: ../shared/custom_nodes/ComfyUI-GGUF
 
@@ -152,15 +151,15 @@ def write_gguf(path: str, state_dict: Dict[str, torch.Tensor], arch: str = "flux
 def gguf_flux(node: GGUFNode, folder: str, seed: int = 0, quant: Callable[[str, tuple], str] = mixed_quants,
               **overrides):
     """(GGUF patcher from the node's loader, fp32 reference patcher holding the node's own
-    dequantization of every weight, {key: GGUF type}) for a random detectable Flux."""
-    from .models import tiny_flux
-
-    config = dict(DETECTABLE_FLUX, **overrides)
-    source = tiny_flux(seed, **config)
+    dequantization of every weight, {key: GGUF type}) for a random detectable Flux
+    (``GGUF_FLUX`` with ``overrides``, e.g. other sizes for the benchmark)."""
+    config = dict(GGUF_FLUX, **overrides)
+    sizes = {k: v for k, v in config.items() if k not in ("hidden_size", "depth", "depth_single_blocks")}
     path = os.path.join(folder, "tiny_flux_%d.gguf" % seed)
-    kinds = write_gguf(path, source.model.diffusion_model.state_dict(), quant=quant)
+    kinds = write_gguf(path, detectable_flux_state_dict(config["hidden_size"], config["depth"],
+                                                        config["depth_single_blocks"], seed=seed, **sizes), quant=quant)
     quantized = node.load_unet(path)
-    reference = tiny_flux(seed, **config)
+    reference = build_model("flux", config, seed=seed, device="cpu")
     values = {}
     for name, tensor in quantized.model.diffusion_model.named_parameters():
         values[name] = node.dequantized(tensor) if node.is_gguf(tensor) else tensor.detach().to(torch.float32)

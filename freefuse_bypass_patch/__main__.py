@@ -1,8 +1,8 @@
-"""``python -m freefuse_bypass_patch``: see cli.py."""
+"""``python -m freefuse_bypass_patch``: see kit/cli.py."""
 
 import sys
 
-from .cli import main
+from .kit.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

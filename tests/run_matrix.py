@@ -22,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from freefuse_bypass_patch.trees import cached_trees, horde_tree, is_tree, tree_version  # noqa: E402
+from freefuse_bypass_patch.kit.trees import cached_trees, horde_tree, is_tree, tree_version  # noqa: E402
 
 
 def find_trees():

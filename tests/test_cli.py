@@ -9,7 +9,7 @@ import pytest
 import clone
 import freefuse_bypass_patch as ffbp
 from freefuse_bypass_patch import kit as sc
-from freefuse_bypass_patch.trees import is_install, tree_version
+from freefuse_bypass_patch.kit.trees import is_install, tree_version
 from support import HAS_BYPASS, PATH_WITHOUT_CHECKOUT, ROOT, TREE, run_python
 
 README_VERSION = "0.28.0"  # the README shows check's output on this tree

@@ -15,7 +15,7 @@ import pytest
 
 from freefuse_bypass_patch import kit, loader
 from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
-from freefuse_bypass_patch.trees import tree_version
+from freefuse_bypass_patch.kit.trees import tree_version
 from support import HAS_BYPASS, ROOT, TREE, run_python
 
 SIZES = dict(hidden_size=3072, depth=2, depth_single_blocks=3)

@@ -6,7 +6,7 @@ import pytest
 
 from PIL import Image
 
-from freefuse_bypass_patch import maskview
+from freefuse_bypass_patch.kit import maskview
 from support import TREE, bypass_era, pre_bypass, run_python
 
 ROW = r"^%s\s+%s\s+(\S+)\s+(\S+)\s+(\S+)$"

@@ -38,7 +38,7 @@ import torch
 
 import clone
 from freefuse_bypass_patch import kit
-from freefuse_bypass_patch.trees import is_install, tree_version
+from freefuse_bypass_patch.kit.trees import is_install, tree_version
 from support import HAS_BYPASS, PATH_WITHOUT_CHECKOUT, REL_TOL, TREE
 
 MUST_RUN_IN_CI = ("0.28.0", "0.12.1")

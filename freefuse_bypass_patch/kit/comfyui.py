@@ -68,8 +68,8 @@ def load_custom_node(folder: str) -> Tuple[int, bool]:
 
 
 def default_comfyui() -> Optional[str]:
-    """The tree the commands use without ``--comfyui`` (order: :func:`..trees.find_comfyui`)."""
-    from ..trees import find_comfyui
+    """The tree the commands use without ``--comfyui`` (order: :func:`.trees.find_comfyui`)."""
+    from .trees import find_comfyui
 
     return find_comfyui()[0]
 

@@ -1,6 +1,6 @@
 """The command line: ``python -m freefuse_bypass_patch check|enable|disable|status``.
 
-Parsing is cheap; the test kit (torch, ComfyUI) is imported only by the commands that need it.
+Parsing is cheap: the rest of the kit (torch, ComfyUI) is imported only by the commands that need it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import os
 import re
 from typing import Optional
 
-from . import autoactivate
+from .. import autoactivate
 from .trees import find_comfyui
+
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the plugin's folder
 
 
 def main(argv=None) -> int:
@@ -87,13 +89,13 @@ def run_disable(site: Optional[str]) -> int:
 
 def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
     """Enabled or not, the package, the ComfyUI found (imported, in CPU mode) and what is patched."""
-    from . import __version__
-    from .patching import DISABLE_ENV, MANAGER_METHODS, capabilities, comfyui_version, disabled_by_env, is_patched
+    from .. import __version__
+    from ..patching import DISABLE_ENV, MANAGER_METHODS, capabilities, comfyui_version, disabled_by_env, is_patched
 
     path, state = autoactivate.pth_path(site), autoactivate.state(site)
     print("autoactivate: " + {"enabled": "enabled (%s)", "disabled": "not enabled (no %s)",
                               "foreign": "not enabled (%s exists but was not written by this plugin)"}[state] % path)
-    print("package: freefuse_bypass_patch %s at %s" % (__version__, os.path.dirname(os.path.abspath(__file__))))
+    print("package: freefuse_bypass_patch %s at %s" % (__version__, PACKAGE))
     if disabled_by_env():
         print("%s is set: the plugin patches nothing" % DISABLE_ENV)
     comfyui, origin = find_comfyui(comfyui)
@@ -101,7 +103,7 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
         print("ComfyUI: none found (no $COMFYUI_PATH, no ComfyUI around this folder, no importable comfy package; "
               "pass --comfyui PATH)")
         return 0
-    from .kit import quiet_logging, use_comfyui
+    from .comfyui import quiet_logging, use_comfyui
 
     quiet_logging()  # before the import: ComfyUI is chatty on import
     try:
@@ -131,7 +133,7 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
 def _installed_in(site: str) -> bool:
     from importlib.metadata import distributions
 
-    from ._version import DIST
+    from .._version import DIST
 
     normal = lambda name: re.sub(r"[-_.]+", "-", name or "").lower()  # noqa: E731 (PEP 503 names)
     return any(normal(d.metadata["Name"]) == normal(DIST) for d in distributions(path=[site]))
@@ -144,16 +146,18 @@ def run_check(comfyui: Optional[str], lora_path: Optional[str] = None, rank: int
     Without ``lora_path``: a random diffusers-format LoRA on a tiny ``family`` model, stock
     vs patched bypass against merged. With it: a dry run of loading that file (see dryrun.py).
     """
-    from .kit import (MODELS, available, build_model, compare, direct_hook_vs_merged, family_lora, load_lora_file,
-                      start_quietly, tiny_inputs, tiny_model)
+    from .comfyui import start_quietly
+    from .compare import compare, direct_hook_vs_merged
+    from .loras import family_lora, load_lora_file
+    from .models import MODELS, available, build_model, tiny_inputs, tiny_model
 
     lora_path = os.path.abspath(lora_path) if lora_path else None
     comfyui, origin = find_comfyui(comfyui)
     if start_quietly(comfyui) is None:
         return 2
-    from . import install, uninstall
+    from .. import install, uninstall
+    from ..patching import capabilities, comfyui_version
     from .dryrun import dry_run, load_model_config, model_sizes, print_dry_run
-    from .patching import capabilities, comfyui_version
 
     if family not in MODELS:
         print("unknown model family %r; one of: %s" % (family, ", ".join(MODELS)))

@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .kit import family_lora, flux_inputs, make_lora, start_quietly, tiny_flux, tiny_inputs, tiny_model
+from .comfyui import start_quietly
+from .loras import family_lora, make_lora
+from .models import flux_inputs, tiny_flux, tiny_inputs, tiny_model
 
 GRID = 16  # token grid side: a 32x32 latent (patch 2; SDXL: its first transformer level)
 CELL = 16  # pixels per token in the PNG
@@ -57,9 +59,9 @@ def run(comfyui: Optional[str], out_path: str = "freefuse_masks.png", family: st
         return 2
     import comfy.sd
 
-    from . import install, is_patched
-    from .masks import lora_name, with_lora_masks
-    from .patching import capabilities, comfyui_version
+    from .. import install, is_patched
+    from ..masks import lora_name, with_lora_masks
+    from ..patching import capabilities, comfyui_version
 
     install()
     print("ComfyUI %s at %s" % (comfyui_version(), comfyui))

@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .kit import RELEASED, LogCapture, build_model, key_forms, released_config, tiny_config
+from .compare import LogCapture
+from .loras import key_forms
+from .models import RELEASED, build_model, released_config, tiny_config
 
 # Flux-layout families: config field -> the state-dict prefix whose blocks it counts
 # (as comfy.model_detection counts them), and the weights whose input width is a config field.
@@ -160,9 +162,9 @@ def dry_run(patcher, lora: Dict[str, torch.Tensor]) -> DryRun:
     import comfy.sd
     from comfy.weight_adapter import WeightAdapterBase
 
-    from . import loader
-    from .hooks import ACTIVE_HOOK_ATTR
-    from .patching import is_patched
+    from .. import loader
+    from ..hooks import ACTIVE_HOOK_ATTR
+    from ..patching import is_patched
 
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     with LogCapture() as logs:
@@ -241,7 +243,7 @@ def _adapter_kind(adapter) -> str:
 
 def _reason(logs: LogCapture, key) -> str:
     """The error the load logged for ``key`` (its messages name the key or its target)."""
-    from .keys import BypassKeyError, parse_target
+    from ..keys import BypassKeyError, parse_target
 
     needles = [repr(key)]
     try:

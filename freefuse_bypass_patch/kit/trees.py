@@ -54,7 +54,7 @@ def find_comfyui(explicit: Optional[str] = None) -> Tuple[Optional[str], str]:
         return os.path.abspath(explicit), "--comfyui"
     if os.environ.get("COMFYUI_PATH"):
         return os.path.abspath(os.environ["COMFYUI_PATH"]), "$COMFYUI_PATH"
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the plugin, above kit/
     for start, origin in ((os.getcwd(), "around the current folder"), (package, "around this package")):
         tree = enclosing_tree(start)
         if tree:

@@ -92,3 +92,21 @@ def test_comfyui_start_up_does_not_load_the_kit():
     loaded = proc.stdout.split("LOADED ")[1].splitlines()[0].split()
     assert "freefuse_bypass_patch.patching" in loaded, loaded
     assert not [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in SELF_CHECK], loaded
+
+
+def test_the_test_runner_and_the_kit_package_load_neither_torch_nor_comfyui():
+    """run_matrix.py imports kit.trees: the kit's names load on first use, not with the package."""
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import run_matrix
+        from freefuse_bypass_patch import kit
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "comfy"))
+        print("HEAVY", " ".join(heavy))
+        kit.tiny_flux, kit.compare  # on first use: now torch is loaded, and compare is the function
+        print("LAZY", "torch" in sys.modules, callable(kit.compare) and kit.compare.__module__)
+    """)
+    proc = run_python(["-c", script, os.path.join(ROOT, "tests")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("HEAVY")[1].splitlines()[0].split() == [], proc.stdout
+    assert "LAZY True freefuse_bypass_patch.kit.compare" in proc.stdout, proc.stdout

@@ -7,7 +7,7 @@ A Flux built by ComfyUI's own classes (``kit.tiny_flux``) gets ONE adapter of th
 given type on every attention/MLP linear (the ``ATTN_MLP`` targets of bypass_overhead.py),
 named with kohya names (``lora_unet_double_blocks_0_img_attn_qkv``): plain string keys on
 the whole fused weight, which stock bypass applies too, so the comparison with stock is
-fair. Factors are shaped as trainers save them (see ``adapter_factors``).
+fair. Factors are shaped as trainers save them (see ``FACTORS``).
 
 Modes: ``merged`` (comfy.sd.load_lora_for_models), ``stock`` (the plugin uninstalled, then
 comfy.sd.load_bypass_lora_for_models) and ``plugin`` (installed, same loader), plus ``base``
@@ -88,62 +88,38 @@ MODES = ("merged", "stock", "plugin")
 
 
 # -- the adapters ---------------------------------------------------------------------
-def adapter_factors(kind, weight, gen):
-    """One adapter of ``kind`` for ``weight`` (out x in), shaped as LyCORIS/kohya trainers save it.
-
-    Scales keep each delta's entries near 0.005 (a tenth of the N(0, 0.05) weights), so the
-    adapter changes the output visibly and the output stays sane.
-    """
-    out, inp = weight.shape
-
-    def rnd(*shape, std):
-        return torch.randn(*shape, generator=gen) * std
-
-    alpha = torch.tensor(float(RANK))
-    if kind == "lokr":  # kron(w1, w2), w2 = w2_a @ w2_b; ComfyUI scales by alpha / w2_b rows
-        f = LOKR_FACTOR
-        return {"lokr_w1": rnd(f, f, std=0.1), "lokr_w2_a": rnd(out // f, RANK, std=0.1),
-                "lokr_w2_b": rnd(RANK, inp // f, std=0.1), "alpha": alpha}
-    if kind == "loha":  # (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank
-        return {"hada_w1_a": rnd(out, RANK, std=0.13), "hada_w1_b": rnd(RANK, inp, std=0.13),
-                "hada_w2_a": rnd(out, RANK, std=0.13), "hada_w2_b": rnd(RANK, inp, std=0.13), "alpha": alpha}
-    if kind == "dora":  # a LoRA plus per-row magnitudes near the weight's own row norms
-        norms = weight.detach().float().norm(dim=1, keepdim=True).cpu()
-        return {"lora_up.weight": rnd(out, RANK, std=0.035), "lora_down.weight": rnd(RANK, inp, std=0.035),
-                "alpha": alpha, "dora_scale": norms * (1 + rnd(out, 1, std=0.05))}
-    if kind == "oft":  # (n_blocks, block, block); alpha 0: no norm constraint
-        return {"oft_blocks": rnd(out // OFT_BLOCK, OFT_BLOCK, OFT_BLOCK, std=0.005), "alpha": torch.tensor(0.0)}
-    if kind == "boft":  # a leading butterfly-stage dim
-        return {"oft_blocks": rnd(BOFT_STAGES, out // OFT_BLOCK, OFT_BLOCK, OFT_BLOCK, std=0.005),
-                "alpha": torch.tensor(0.0)}
-    if kind == "glora":  # new form: W a1 a2 + b1 b2, a1 in x r, a2 r x in, b1 out x r, b2 r x in
-        return {"a1.weight": rnd(inp, RANK, std=0.02), "a2.weight": rnd(RANK, inp, std=0.02),
-                "b1.weight": rnd(out, RANK, std=0.02), "b2.weight": rnd(RANK, inp, std=0.02), "alpha": alpha}
-    raise ValueError(kind)
+# kind -> kit.adapter_factors options: factors shaped as LyCORIS/kohya trainers save them, scales
+# that keep each delta's entries near 0.005 (a tenth of the N(0, 0.05) weights), so the adapter
+# changes the output visibly and the output stays sane.
+FACTORS = {
+    "lokr": dict(factor=LOKR_FACTOR, w2_rank=RANK, scale=0.1, alpha=RANK),  # kron(w1, w2_a @ w2_b), alpha / rank
+    "loha": dict(rank=RANK, scale=0.13, alpha=RANK),  # (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank
+    "dora": dict(rank=RANK, scale=0.035, alpha=RANK, magnitude_scale=0.05),  # magnitudes near the row norms
+    "oft": dict(block=OFT_BLOCK, scale=0.005, alpha=0.0),  # alpha 0: no norm constraint
+    "boft": dict(block=OFT_BLOCK, stages=BOFT_STAGES, scale=0.005, alpha=0.0),
+    "glora": dict(rank=RANK, scale=0.02, alpha=RANK),  # new form: W a1 a2 + b1 b2
+}
 
 
 def attn_mlp_targets(model):
-    """{weight key: kohya name} for every attention/MLP linear, from ComfyUI's own key map
-    (so the names are exactly what the tree recognises); each weight once."""
-    targets = {}
-    for name, target, _ in sc.named_targets(model, "lora_unet_"):
-        if isinstance(target, str) and ATTN_MLP.search(target):
-            targets.setdefault(target, name)
+    """(kohya name, weight key, (out, in)) for every attention/MLP linear, from ComfyUI's own key
+    map (so the names are exactly what the tree recognises); each weight once."""
+    targets, seen = [], set()
+    for name, target, shape in sc.named_targets(model, "lora_unet_"):
+        if isinstance(target, str) and ATTN_MLP.search(target) and target not in seen:
+            seen.add(target)
+            targets.append((name, target, shape))
     return targets
 
 
 def adapter_lora(model, kind, dtype, seed=1):
     """A state dict with one ``kind`` adapter on every attention/MLP linear, kohya names.
 
-    Tensors are stored in the model dtype, as a trainer saving in that precision would.
+    Tensors are stored in the model dtype, as a trainer saving in that precision would; DoRA
+    magnitudes start near the weight's own row norms, as a trained DoRA's do.
     """
-    gen = torch.Generator().manual_seed(seed)
-    weights = model.state_dict()
-    sd = {}
-    for key, name in attn_mlp_targets(model).items():
-        for suffix, tensor in adapter_factors(kind, weights[key], gen).items():
-            sd["%s.%s" % (name, suffix)] = tensor if suffix == "alpha" else tensor.to(dtype)
-    return sd
+    return sc.adapter_lora(model, kind, seed=seed, targets=attn_mlp_targets(model), dtype=dtype, weight_norms=True,
+                           **FACTORS[kind])
 
 
 # -- one case -------------------------------------------------------------------------
@@ -265,7 +241,7 @@ def setup(args, cfg, device):
     inputs = sc.flux_inputs(image=cfg["image"], tokens=cfg["tokens"], config=dict(cfg["model"], in_channels=16),
                             device=device, dtype=cfg["dtype"])  # 16 latent channels, as tiny_flux builds
     weights = base.model.state_dict()
-    targets = attn_mlp_targets(base.model)
+    targets = [key for _, key, _ in attn_mlp_targets(base.model)]
     info = dict(version=comfyui_version(), params=sum(p.numel() for p in base.model.diffusion_model.parameters()),
                 adapted=len(targets),
                 adapted_bytes=sum(weights[k].numel() * weights[k].element_size() for k in targets))

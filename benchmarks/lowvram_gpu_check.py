@@ -15,7 +15,6 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 
 def main():
@@ -30,7 +29,6 @@ def main():
     import comfy.sd
 
     import freefuse_bypass_patch  # noqa: F401  (activates the plugin)
-    from support import adapter_lora
 
     cuda, cpu = torch.device(args.device), torch.device("cpu")
     import comfy.model_management as mm
@@ -49,7 +47,7 @@ def main():
         config = dict(sc.TINY_FLUX, hidden_size=256, num_heads=4)
         inputs = sc.flux_inputs(image=32, tokens=16, config=config, device=cuda, dtype=dtype)
         loras = [(sc.make_lora(base.model, "diffusers", rank=8, seed=1, alpha=8), 0.9),
-                 (adapter_lora(base.model, "dora", "kohya", seed=2, limit=10), 0.6)]
+                 (sc.adapter_lora(base.model, "dora", "kohya", seed=2, limit=10), 0.6)]
 
         def run(patcher, budget):
             patcher.patch_model(cuda, lowvram_model_memory=budget)

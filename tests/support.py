@@ -7,9 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
-from freefuse_bypass_patch import kit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -43,41 +40,3 @@ def scenario(activation, env=None, pre_args=(), args=()):
             return json.loads(line[len("SCENARIO "):]), proc
     raise AssertionError("scenario %s failed (rc=%s):\n%s\n%s" % (activation, proc.returncode,
                                                                   proc.stdout[-3000:], proc.stderr[-6000:]))
-
-
-def adapter_factors(kind, rows, cols, gen, rank=4):
-    r = lambda *shape: torch.randn(*shape, generator=gen) * 0.2  # noqa: E731
-    if kind == "lora":
-        return {"lora_up.weight": r(rows, rank), "lora_down.weight": r(rank, cols), "alpha": torch.tensor(2.0)}
-    if kind == "dora":
-        return {"lora_up.weight": r(rows, rank), "lora_down.weight": r(rank, cols), "alpha": torch.tensor(4.0),
-                "dora_scale": 1.0 + r(rows, 1)}
-    if kind == "dora_in":  # DoRA on the input axis: one magnitude per input column
-        return {"lora_up.weight": r(rows, rank), "lora_down.weight": r(rank, cols), "alpha": torch.tensor(4.0),
-                "dora_scale": 1.0 + r(1, cols)}
-    if kind == "loha":
-        return {"hada_w1_a": 3 * r(rows, rank), "hada_w1_b": 3 * r(rank, cols), "hada_w2_a": 3 * r(rows, rank),
-                "hada_w2_b": 3 * r(rank, cols), "alpha": torch.tensor(4.0)}
-    if kind == "lokr":
-        return {"lokr_w1": r(4, 4), "lokr_w2": r(rows // 4, cols // 4), "alpha": torch.tensor(1.0)}
-    if kind == "glora":
-        return {"a1.weight": r(cols, rank), "a2.weight": r(rank, cols), "b1.weight": r(rows, rank),
-                "b2.weight": r(rank, cols), "alpha": torch.tensor(4.0)}
-    if kind == "boft":
-        return {"oft_blocks": r(2, rows // 16, 16, 16), "alpha": torch.tensor(1.0)}
-    if kind == "oft":
-        return {"oft_blocks": r(rows // 16, 16, 16) * 2, "alpha": torch.tensor(1.0)}
-    raise ValueError(kind)
-
-
-def adapter_lora(model, kind, convention, seed, limit=6):
-    """An adapter of ``kind`` on the first ``limit`` targets (fused slices for diffusers names)."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    targets = kit.lora_targets(model, convention)
-    if convention != "kohya":  # diffusers-style names: keep the fused slices
-        targets = [t for t in targets if isinstance(t[1], tuple) and t[1][1] is not None]
-    for name, _, (rows, cols) in targets[:limit]:
-        for suffix, tensor in adapter_factors(kind, rows, cols, gen).items():
-            sd["%s.%s" % (name, suffix)] = tensor
-    return sd

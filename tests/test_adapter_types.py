@@ -13,7 +13,7 @@ import comfy.lora
 import comfy.sd
 
 from freefuse_bypass_patch import kit as sc
-from support import HAS_BYPASS, REL_TOL, adapter_lora as _lora
+from support import HAS_BYPASS, REL_TOL
 
 
 def _bypass(base, lora, strength):
@@ -27,7 +27,8 @@ def _bypass(base, lora, strength):
 def test_adapter_type_matches_merged(kind, convention):
     base = sc.tiny_flux()
     inputs = sc.flux_inputs()
-    lora = _lora(base.model, kind, "onetrainer" if convention == "diffusers" else "kohya", seed=21)  # OneTrainer names reach the slices
+    lora = sc.adapter_lora(base.model, kind, "onetrainer" if convention == "diffusers" else "kohya", seed=21,
+                           limit=6)  # OneTrainer names reach the slices
     key_map = comfy.lora.model_lora_keys_unet(base.model, {})
     loaded = comfy.lora.load_lora(dict(lora), key_map)
     assert len(loaded) == 6 and all(type(a).__name__.lower().startswith(kind[:3]) or kind == "dora"
@@ -51,7 +52,7 @@ def test_weight_dependent_adapter_after_a_lora_on_the_same_weights(kind):
     base = sc.tiny_flux()
     inputs = sc.flux_inputs()
     first = sc.make_lora(base.model, "kohya", rank=4, seed=61, alpha=4)
-    second = _lora(base.model, kind, "kohya", seed=62)
+    second = sc.adapter_lora(base.model, kind, "kohya", seed=62, limit=6)
     chain = [(first, 1.0), (second, 0.8)]
     merged = sc.forward(sc.chain(comfy.sd.load_lora_for_models, base, chain), inputs)
     separately = sc.forward(sc.chain(comfy.sd.load_lora_for_models, base, chain[1:]), inputs)

@@ -105,32 +105,15 @@ def test_family_naming_conventions_match_merged(family, convention):
 KINDS = ("dora", "loha", "lokr", "oft", "boft", "glora")
 
 
-def _fits(kind, rows, cols):
-    if kind == "lokr":
-        return rows % 4 == 0 and cols % 4 == 0
-    if kind in ("oft", "boft"):
-        return rows % 16 == 0
-    return True
-
-
 def _family_adapter_lora(model, kind, seed, limit=16):
     """``kind`` adapters on up to ``limit`` targets, the family's fused slices first, then whole
     weights (diffusers-style names). Returns (state dict, number of targets)."""
-    from support import adapter_factors
-
     targets = sc.named_targets(model, "transformer.")
     if not any(isinstance(t, tuple) for _, t, _ in targets):
         targets = sc.named_targets(model, "diffusion_model.")
     targets = sorted(targets, key=lambda item: not (isinstance(item[1], tuple) and item[1][1] is not None))
-    gen = torch.Generator().manual_seed(seed)
-    sd, seen = {}, set()
-    for name, target, (rows, cols) in targets:
-        if target in seen or not _fits(kind, rows, cols) or len(seen) == limit:
-            continue
-        seen.add(target)
-        for suffix, tensor in adapter_factors(kind, rows, cols, gen).items():
-            sd["%s.%s" % (name, suffix)] = tensor
-    return sd, len(seen)
+    sd = sc.adapter_lora(model, kind, seed=seed, limit=limit, targets=targets)
+    return sd, sum(1 for key in sd if key.endswith(".alpha"))  # one alpha per adapter
 
 
 # Strengths that keep every family's output in a sane range (a LoRA that triples the

@@ -20,56 +20,30 @@ def _r(gen, *shape, scale=0.2):
     return torch.randn(*shape, generator=gen) * scale
 
 
-# variant -> (form class expected on a Linear, factor generator (rows, cols, gen) -> {suffix: tensor})
+# variant -> (form class expected on a Linear, kit.adapter_factors options)
 VARIANTS = {
-    "lokr-full": (forms.LoKrForm, lambda n, m, g: {"lokr_w1": _r(g, 4, 4), "lokr_w2": _r(g, n // 4, m // 4),
-                                                  "alpha": torch.tensor(1.0)}),
-    "lokr-lowrank": (forms.LoKrForm, lambda n, m, g: {
-        "lokr_w1_a": _r(g, 4, 2), "lokr_w1_b": _r(g, 2, 4), "lokr_w2_a": _r(g, n // 4, 2),
-        "lokr_w2_b": _r(g, 2, m // 4), "alpha": torch.tensor(3.0)}),
-    "loha": (forms.LoHaForm, lambda n, m, g: {
-        "hada_w1_a": 3 * _r(g, n, 2), "hada_w1_b": 3 * _r(g, 2, m), "hada_w2_a": 3 * _r(g, n, 2),
-        "hada_w2_b": 3 * _r(g, 2, m), "alpha": torch.tensor(2.0)}),
+    "lokr-full": (forms.LoKrForm, dict(kind="lokr")),
+    "lokr-lowrank": (forms.LoKrForm, dict(kind="lokr", w1_rank=2, w2_rank=2, alpha=3)),
+    "loha": (forms.LoHaForm, dict(kind="loha", rank=2, alpha=2)),
     # r1·r2·(out + in) >= out·in on these tiny weights: the delta is formed inside the forward
-    "loha-dense": (forms.DenseLoHaForm, lambda n, m, g: {
-        "hada_w1_a": _r(g, n, 16), "hada_w1_b": _r(g, 16, m), "hada_w2_a": _r(g, n, 16),
-        "hada_w2_b": _r(g, 16, m), "alpha": torch.tensor(16.0)}),
-    "dora": (forms.DoRAForm, lambda n, m, g: {
-        "lora_up.weight": _r(g, n, 4), "lora_down.weight": _r(g, 4, m), "alpha": torch.tensor(4.0),
-        "dora_scale": 1.0 + _r(g, n, 1)}),
-    "dora-loha": (forms.DoRAForm, lambda n, m, g: dict(VARIANTS["loha"][1](n, m, g), dora_scale=1.0 + _r(g, n, 1))),
-    "dora-lokr": (forms.DoRAForm, lambda n, m, g: dict(VARIANTS["lokr-full"][1](n, m, g), dora_scale=1.0 + _r(g, n, 1))),
-    "glora": (forms.GLoRAForm, lambda n, m, g: {
-        "a1.weight": _r(g, m, 4), "a2.weight": _r(g, 4, m), "b1.weight": _r(g, n, 4), "b2.weight": _r(g, 4, m),
-        "alpha": torch.tensor(4.0)}),
-    "glora-old": (forms.GLoRAForm, lambda n, m, g: {
-        "a1.weight": _r(g, 4, m), "a2.weight": _r(g, m, 4), "b1.weight": _r(g, 4, m), "b2.weight": _r(g, n, 4),
-        "alpha": torch.tensor(4.0)}),
-    "dora-glora": (forms.DoRAForm, lambda n, m, g: dict(VARIANTS["glora"][1](n, m, g), dora_scale=1.0 + _r(g, n, 1))),
-    "oft": (forms.OFTForm, lambda n, m, g: {"oft_blocks": _r(g, n // 16, 16, 16, scale=0.4),
-                                            "alpha": torch.tensor(0.0)}),
-    "oft-constrained": (forms.OFTForm, lambda n, m, g: {"oft_blocks": _r(g, n // 16, 16, 16, scale=0.4),
-                                                        "alpha": torch.tensor(0.5)}),
-    "dora-oft": (forms.DoRAForm, lambda n, m, g: {"oft_blocks": _r(g, n // 16, 16, 16, scale=0.4),
-                                                  "alpha": torch.tensor(0.5), "dora_scale": 1.0 + _r(g, n, 1)}),
-    "boft": (forms.BOFTForm, lambda n, m, g: {"oft_blocks": _r(g, 2, n // 16, 16, 16, scale=0.4),
-                                              "alpha": torch.tensor(1.0), "rescale": 1.0 + _r(g, n, 1)}),
+    "loha-dense": (forms.DenseLoHaForm, dict(kind="loha", rank=16, scale=0.2, alpha=16)),
+    "dora": (forms.DoRAForm, dict(kind="dora")),
+    "dora-loha": (forms.DoRAForm, dict(kind="dora_loha", rank=2, alpha=2)),
+    "dora-lokr": (forms.DoRAForm, dict(kind="dora_lokr")),
+    "glora": (forms.GLoRAForm, dict(kind="glora")),
+    "glora-old": (forms.GLoRAForm, dict(kind="glora_old")),
+    "dora-glora": (forms.DoRAForm, dict(kind="dora_glora")),
+    "oft": (forms.OFTForm, dict(kind="oft", alpha=0.0)),
+    "oft-constrained": (forms.OFTForm, dict(kind="oft", alpha=0.5)),
+    "dora-oft": (forms.DoRAForm, dict(kind="dora_oft", alpha=0.5)),
+    "boft": (forms.BOFTForm, dict(kind="boft", scale=0.4, rescale=True)),
 }
 
 
 def _variant_lora(model, variant, convention, seed, limit=8):
     """``variant`` on up to ``limit`` Linear targets: fused slices for OneTrainer names, whole weights for kohya."""
-    gen = torch.Generator().manual_seed(seed)
-    targets = sc.lora_targets(model, convention)
-    if convention == "onetrainer":
-        targets = [t for t in targets if isinstance(t[1], tuple) and t[1][1] is not None]
-    sd = {}
-    for name, _, (rows, cols) in targets:
-        if rows % 32 or cols % 4 or len(sd) and len({k.rsplit(".", 2)[0] for k in sd}) >= limit:
-            continue
-        for suffix, tensor in VARIANTS[variant][1](rows, cols, gen).items():
-            sd["%s.%s" % (name, suffix)] = tensor
-    return sd
+    targets = [t for t in sc.adapter_targets(model, convention) if not (t[2][0] % 32 or t[2][1] % 4)]
+    return sc.adapter_lora(model, seed=seed, limit=limit, targets=targets, **VARIANTS[variant][1])
 
 
 def _hook_classes(manager):

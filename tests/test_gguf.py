@@ -24,7 +24,7 @@ import comfy
 import comfy.sd
 
 from freefuse_bypass_patch import kit as sc
-from support import REL_TOL, adapter_lora, bypass_era
+from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
 gguf_kit = pytest.importorskip("freefuse_bypass_patch.kit.gguf")
@@ -86,8 +86,8 @@ def _loras(reference, case):
         return [(sc.make_lora(model, "diffusers", rank=4, seed=62, alpha=4), 0.9)]
     if case == "lora+dora":
         return [(sc.make_lora(model, "diffusers", rank=4, seed=63, alpha=4), 0.8),
-                (adapter_lora(model, "dora", "kohya", seed=64, limit=100), 0.7)]
-    return [(adapter_lora(model, case, "kohya", seed=65, limit=100), 0.8)]
+                (sc.adapter_lora(model, "dora", "kohya", seed=64, limit=100), 0.7)]
+    return [(sc.adapter_lora(model, case, "kohya", seed=65, limit=100), 0.8)]
 
 
 CASES = ["kohya", "diffusers", "loha", "lokr", "dora", "dora_in", "glora", "oft", "boft", "lora+dora"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from freefuse_bypass_patch import kit as sc
-from support import REL_TOL, adapter_lora, bypass_era
+from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
 
@@ -29,7 +29,7 @@ def test_partial_load_bypass_equals_merged():
     base = sc.tiny_flux()
     inputs = sc.flux_inputs()
     lora = sc.make_lora(base.model, "diffusers", rank=4, seed=51, alpha=4)
-    dora = adapter_lora(base.model, "dora", "kohya", seed=52, limit=8)
+    dora = sc.adapter_lora(base.model, "dora", "kohya", seed=52, limit=8)
     loras = [(lora, 0.9), (dora, 0.6)]
     base_out, _ = _run_partially_loaded(base, inputs)
     merged_out, merged_lowvram = _run_partially_loaded(sc.chain(comfy.sd.load_lora_for_models, base, loras), inputs)
@@ -50,7 +50,7 @@ def test_partial_load_merged_lora_under_bypass_weight_readers(kind):
     base = sc.tiny_flux()
     inputs = sc.flux_inputs()
     merged_lora = sc.make_lora(base.model, "kohya", rank=4, seed=53, alpha=4)
-    reader = adapter_lora(base.model, kind, "kohya", seed=54, limit=20)
+    reader = sc.adapter_lora(base.model, kind, "kohya", seed=54, limit=20)
     with_merged = comfy.sd.load_lora_for_models(base, None, merged_lora, 1.0, 0)[0]
     bypass = comfy.sd.load_bypass_lora_for_models(with_merged, None, reader, 0.8, 0)[0]
     everything = sc.chain(comfy.sd.load_lora_for_models, base, [(merged_lora, 1.0), (reader, 0.8)])

@@ -10,8 +10,7 @@ import torch
 import comfy.sd
 
 from freefuse_bypass_patch import kit as sc
-import support
-from support import REL_TOL, adapter_lora, bypass_era
+from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
 
@@ -28,7 +27,7 @@ def test_fp8_weights_match_fp32_reference(kind):
     if kind == "diffusers-lora":
         lora = sc.make_lora(reference.model, "diffusers", rank=4, seed=31, alpha=4)
     else:
-        lora = adapter_lora(reference.model, "dora", "kohya", seed=32, limit=12)
+        lora = sc.adapter_lora(reference.model, "dora", "kohya", seed=32, limit=12)
     before = sc.weights_snapshot(fp8)
     expected = sc.forward(comfy.sd.load_lora_for_models(reference, None, lora, 1.0, 0)[0], inputs)
     got = sc.forward(comfy.sd.load_bypass_lora_for_models(fp8, None, lora, 1.0, 0)[0], inputs)
@@ -95,7 +94,7 @@ def test_quantized_tensor_weights(fmt, caplog):
     inputs = sc.flux_inputs()
     base_error = sc.max_rel_diff(sc.forward(quantized, inputs), sc.forward(reference, inputs))
     for lora in (sc.make_lora(reference.model, "diffusers", rank=4, seed=33, alpha=4),
-                 adapter_lora(reference.model, "dora", "kohya", seed=34, limit=12)):
+                 sc.adapter_lora(reference.model, "dora", "kohya", seed=34, limit=12)):
         expected = sc.forward(comfy.sd.load_lora_for_models(reference, None, lora, 1.0, 0)[0], inputs)
         comfy_merged = sc.forward(comfy.sd.load_lora_for_models(quantized, None, lora, 1.0, 0)[0], inputs)
         with caplog.at_level(logging.ERROR):
@@ -117,7 +116,7 @@ def test_fp8_lora_factors(dtype, kind):
     if kind == "diffusers-lora":
         lora = sc.make_lora(base.model, "diffusers", rank=4, seed=35, alpha=4)
     else:
-        lora = adapter_lora(base.model, kind, "kohya", seed=36, limit=12)
+        lora = sc.adapter_lora(base.model, kind, "kohya", seed=36, limit=12)
     lora = {k: v if v.dim() == 0 else v.to(dtype) for k, v in lora.items()}  # alpha stays a float scalar
     report = sc.compare([(lora, 0.9)], build=lambda: base)
     # an effect 10x the tolerance: an adapter left out would fail the comparison
@@ -147,7 +146,7 @@ def test_unreadable_weight_keeps_adapters_that_never_read_it(kind):
     gen = torch.Generator().manual_seed(37)
     rows, cols = base.model.diffusion_model.double_blocks[0].img_attn.proj.weight.shape
     lora = {"lora_unet_double_blocks_0_img_attn_proj.%s" % k: v
-            for k, v in support.adapter_factors(kind, rows, cols, gen).items()}
+            for k, v in sc.adapter_factors(kind, rows, cols, gen).items()}
     report = sc.compare([(lora, 0.9)], build=lambda: base)
     # one module of the model: an effect 10x the tolerance, so an adapter left out fails the comparison
     assert report["dropped"] == 0 and report["lora_effect"] > 10 * REL_TOL, report
@@ -163,7 +162,7 @@ def test_unreadable_weight_refuses_readers_at_load(kind):
     gen = torch.Generator().manual_seed(38)
     rows, cols = base.model.diffusion_model.double_blocks[0].img_attn.proj.weight.shape
     reader = {"lora_unet_double_blocks_0_img_attn_proj.%s" % k: v
-              for k, v in support.adapter_factors(kind, rows, cols, gen).items()}
+              for k, v in sc.adapter_factors(kind, rows, cols, gen).items()}
     other = sc.make_lora(base.model, "kohya", rank=4, seed=39, include=lambda key: "img_attn.qkv" in key)
     expected = sc.forward(comfy.sd.load_lora_for_models(base, None, other, 1.0, 0)[0], inputs)
     with sc.LogCapture() as logs:

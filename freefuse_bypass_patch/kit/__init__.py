@@ -7,7 +7,8 @@ ComfyUI loads at start-up imports it). One module per job, imports pointing one 
 * ``trees``: where ComfyUI trees are found (no torch, no comfy: the test runner uses it);
 * ``comfyui``: make a ComfyUI tree importable as ``comfy`` (CPU mode);
 * ``models``: tiny models of every family, built by ComfyUI's own classes, and their inputs;
-* ``loras``: random LoRAs in every naming convention, from ComfyUI's own key map;
+* ``loras``: random LoRAs in every naming convention, from ComfyUI's own key map, and random
+  adapters of every type (LoRA, DoRA, LoHa, LoKr, GLoRA, OFT, BOFT);
 * ``compare``: run a model as ComfyUI does, bypass vs merged (uses ``models``);
 * ``gguf``: tiny GGUF models loaded by ComfyUI-GGUF (imported on its own: it needs ``gguf``);
 * ``dryrun`` (``check --lora``), ``maskview`` (``check --masks``) -> ``cli`` (the commands,
@@ -27,8 +28,8 @@ if TYPE_CHECKING:  # what __getattr__ gives, for type checkers and editors
     from .comfyui import default_comfyui, load_custom_node, quiet_logging, start_quietly, use_comfyui
     from .compare import (LogCapture, chain, compare, direct_hook_vs_merged, forward, manager_bypass,
                           max_rel_diff, weights_snapshot)
-    from .loras import (CONVENTIONS, family_lora, key_forms, load_lora_file, lora_targets, make_lora, named_targets,
-                        random_lora, save_lora)
+    from .loras import (ADAPTER_KINDS, CONVENTIONS, adapter_factors, adapter_lora, adapter_targets, family_lora,
+                        key_forms, load_lora_file, lora_targets, make_lora, named_targets, random_lora, save_lora)
     from .models import (FAMILIES, FLUX_1, MODELS, RELEASED, SLICED, TINY_FLUX, TINY_SDXL, available, build_model,
                          detectable_flux_state_dict, flux_config, flux_inputs, random_patcher, randomize_,
                          released_config, sdxl_inputs, tiny_config, tiny_flux, tiny_inputs, tiny_model, tiny_sdxl)
@@ -41,7 +42,7 @@ _EXPORTS = {
                "released_config", "build_model", "detectable_flux_state_dict", "MODELS", "TINY_SDXL", "tiny_sdxl",
                "sdxl_inputs"),
     "loras": ("CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",
-              "load_lora_file", "key_forms"),
+              "load_lora_file", "key_forms", "ADAPTER_KINDS", "adapter_factors", "adapter_targets", "adapter_lora"),
     "compare": ("forward", "manager_bypass", "LogCapture", "weights_snapshot", "max_rel_diff", "chain",
                 "compare", "direct_hook_vs_merged"),
 }

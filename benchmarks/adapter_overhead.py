@@ -188,8 +188,6 @@ def measure(base, inputs, lora, mode, forwards, meter):
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    x, t = inputs["x"], inputs["t"]
-    rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
     result, out = dict(mode=mode), None
     if mode == "stock":
         ffbp.uninstall()
@@ -203,15 +201,15 @@ def measure(base, inputs, lora, mode, forwards, meter):
         result["load_ms"] = (clock() - start) * 1e3
         with torch.inference_mode():
             start = clock()
-            out = patcher.model.apply_model(x, t, **rest)
+            out = sc.apply_model(patcher, inputs)
             result["first_ms"] = (clock() - start) * 1e3
-            out = patcher.model.apply_model(x, t, **rest)  # a steady forward inside the memory window
+            out = sc.apply_model(patcher, inputs)  # a steady forward inside the memory window
             result["peak"] = meter.peak()
             meter.release()
             times = []
             for _ in range(forwards):
                 start = clock()
-                out = patcher.model.apply_model(x, t, **rest)
+                out = sc.apply_model(patcher, inputs)
                 times.append(clock() - start)
         result["ms"] = statistics.median(times) * 1e3
     except Exception as err:  # e.g. stock OFT on 0.28.0: "view size is not compatible ..."

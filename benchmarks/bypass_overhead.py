@@ -217,13 +217,15 @@ def _spatial_inputs(base, inputs):
     """The (h, w) of every SpatialTransformer's input in one forward of an SDXL."""
     import comfy.model_management as mm
 
+    from freefuse_bypass_patch import kit as sc
+
     seen = []
     handles = [m.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
                for m in base.model.diffusion_model.modules() if type(m).__name__ == "SpatialTransformer"]
     mm.load_models_gpu([base])
     try:
         with torch.inference_mode():
-            base.model.apply_model(inputs["x"], inputs["t"], **{k: v for k, v in inputs.items() if k not in ("x", "t")})
+            sc.apply_model(base, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -311,9 +313,7 @@ def run(family, args):
             sc.chain(bypass, base, [(l, 1.0) for l in loras[:2]]), {0: half_masks[0], 1: half_masks[1]}))
         if family == "flux":
             modes["naive masked hook, 2 LoRAs"], _ = attach(lambda: naive(2, masked=True))
-    x, t = inputs["x"], inputs["t"]
-    rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-    floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], x, t, rest, mm)
+    floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], inputs, mm)
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         references = ("merged, 1 LoRA", "merged, 2 LoRAs")
@@ -329,14 +329,14 @@ def run(family, args):
             for name in order:
                 patcher = modes[name]
                 mm.load_models_gpu([patcher])
-                patcher.model.apply_model(x, t, **rest)  # warm-up (and factor caches)
+                sc.apply_model(patcher, inputs)  # warm-up (and factor caches)
                 for _ in range(args.iters):
                     sync()
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                         before = torch.cuda.memory_allocated()
                     start = time.perf_counter()
-                    patcher.model.apply_model(x, t, **rest)
+                    sc.apply_model(patcher, inputs)
                     sync()
                     times[name].append(time.perf_counter() - start)
                     if device.type == "cuda":
@@ -375,17 +375,18 @@ def run(family, args):
           % (floor_bytes / 1e9, bandwidth / 1e9, floor * 1e3, 1 + floor / ref))
     if args.profile:
         _profile({k: modes[k] for k in ("merged, 1 LoRA", "stock bypass, kohya", "plugin, 1 LoRA") if k in modes},
-                 x, t, rest, mm)
+                 inputs, mm)
     print("attach one LoRA (loader + ComfyUI load): " + ", ".join("%s %.0f ms" % (k, v * 1e3) for k, v in attach_times.items()))
     return ratio
 
 
-def hook_traffic(patcher, x, t, rest, mm):
+def hook_traffic(patcher, inputs, mm):
     """Bytes a forward hook must move beyond the base forward, for the modules the plugin hooks.
 
     Each hooked output is read and written once more (the in-place add of the adapters)
     and each hooked input is read once more (the down-projection): one forward, counted.
     """
+    from freefuse_bypass_patch import kit as sc
     from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
 
     total = [0]
@@ -398,7 +399,7 @@ def hook_traffic(patcher, x, t, rest, mm):
     handles = [m.register_forward_hook(count) for m in model.modules() if ACTIVE_HOOK_ATTR in m.__dict__]
     try:
         with torch.inference_mode():
-            patcher.model.apply_model(x, t, **rest)
+            sc.apply_model(patcher, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -424,17 +425,20 @@ def measured_bandwidth(device, dtype, nbytes=1 << 30):
     return 2 * nbytes / best
 
 
-def _profile(modes, x, t, rest, mm):
+def _profile(modes, inputs, mm):
     from torch.profiler import ProfilerActivity, profile
 
+    from freefuse_bypass_patch import kit as sc
+
+    x = inputs["x"]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
     sort = "cuda_time_total" if x.is_cuda else "cpu_time_total"
     for name, patcher in modes.items():
         mm.load_models_gpu([patcher])
         with torch.inference_mode():
-            patcher.model.apply_model(x, t, **rest)
+            sc.apply_model(patcher, inputs)
             with profile(activities=activities) as prof:
-                patcher.model.apply_model(x, t, **rest)
+                sc.apply_model(patcher, inputs)
                 if x.is_cuda:
                     torch.cuda.synchronize()
         mm.unload_all_models()

@@ -89,23 +89,21 @@ def main():
     for name, sd in (("kohya", kohya), ("diffusers", diffusers), ("DoRA", dora)):
         modes["plugin, %s" % name] = bypass(quantized, None, sd, 1.0, 0)[0]
 
-    x, t = inputs["x"], inputs["t"]
-    rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
     outputs, times = {}, {name: [] for name in modes}
     with torch.inference_mode():
         for name, patcher in modes.items():
             mm.load_models_gpu([patcher])
-            outputs[name] = patcher.model.apply_model(x, t, **rest).clone()  # also the warm-up
+            outputs[name] = sc.apply_model(patcher, inputs).clone()  # also the warm-up
             mm.unload_all_models()
         order, rng = list(modes), random.Random(0)
         for _ in range(args.rounds):
             rng.shuffle(order)
             for name in order:
                 mm.load_models_gpu([modes[name]])
-                modes[name].model.apply_model(x, t, **rest)  # warm-up: the plugin builds its forms here
+                sc.apply_model(modes[name], inputs)  # warm-up: the plugin builds its forms here
                 for _ in range(args.iters):
                     start = time.perf_counter()
-                    modes[name].model.apply_model(x, t, **rest)
+                    sc.apply_model(modes[name], inputs)
                     times[name].append(time.perf_counter() - start)
                 mm.unload_all_models()
 

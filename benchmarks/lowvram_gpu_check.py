@@ -54,9 +54,7 @@ def main():
             try:
                 lowvram = sum(1 for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False))
                 on_cpu = sum(1 for p in patcher.model.parameters() if p.device.type == "cpu")
-                with torch.no_grad():
-                    rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-                    out = patcher.model.apply_model(inputs["x"], inputs["t"], **rest).float().cpu()
+                out = sc.apply_model(patcher, inputs).float().cpu()
                 return out, lowvram, on_cpu
             finally:
                 patcher.unpatch_model(cpu)

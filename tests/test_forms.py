@@ -112,9 +112,7 @@ def test_memory_contract_factors_and_vectors_only():
 
     mm.load_models_gpu([patcher])
     try:
-        with torch.no_grad():
-            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-            patcher.model.apply_model(inputs["x"], inputs["t"], **rest)
+        sc.apply_model(patcher, inputs)
         checked = 0
         for hook in manager.hooks:
             weight = hook.module.weight

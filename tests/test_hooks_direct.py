@@ -69,9 +69,7 @@ def test_both_up_projection_layouts_match_merged(layout, monkeypatch):
     patcher, _, manager = _bypass_direct(base, lora, 1.3)
     mm.load_models_gpu([patcher])
     try:
-        with torch.no_grad():
-            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-            out = patcher.model.apply_model(inputs["x"], inputs["t"], **rest).clone()
+        out = sc.apply_model(patcher, inputs).clone()
         fused = [seg[1] for h in manager.hooks if len({s.target.offset for s in h.slots}) > 1
                  for built in h._built.values() for seg in built.segments]  # qkv and linear1: several slices
     finally:

@@ -18,9 +18,7 @@ def _run_partially_loaded(patcher, inputs):
     patcher.patch_model(torch.device("cpu"), lowvram_model_memory=BUDGET)
     try:
         lowvram = sum(1 for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False))
-        with torch.no_grad():
-            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-            return patcher.model.apply_model(inputs["x"], inputs["t"], **rest).clone(), lowvram
+        return sc.apply_model(patcher, inputs).clone(), lowvram
     finally:
         patcher.unpatch_model()
 

@@ -36,9 +36,7 @@ def _run_in_one_load(patcher, inputs, steps):
     try:
         for step in steps:
             step()
-            with torch.no_grad():
-                rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-                outs.append(patcher.model.apply_model(inputs["x"], inputs["t"], **rest).clone())
+            outs.append(sc.apply_model(patcher, inputs).clone())
             hooks = [m.__dict__[ACTIVE_HOOK_ATTR] for m in patcher.model.modules() if ACTIVE_HOOK_ATTR in m.__dict__]
             built.append({(id(hook), key): id(b) for hook in hooks for key, b in hook._built.items()})
     finally:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ gives, for type checkers and editors
     from .comfyui import default_comfyui, load_custom_node, quiet_logging, start_quietly, use_comfyui
-    from .compare import (LogCapture, chain, compare, direct_hook_vs_merged, forward, manager_bypass,
+    from .compare import (LogCapture, apply_model, chain, compare, direct_hook_vs_merged, forward, manager_bypass,
                           max_rel_diff, weights_snapshot)
     from .loras import (ADAPTER_KINDS, CONVENTIONS, adapter_factors, adapter_lora, adapter_targets, family_lora,
                         key_forms, load_lora_file, lora_targets, make_lora, named_targets, random_lora, save_lora)
@@ -43,7 +43,7 @@ _EXPORTS = {
                "sdxl_inputs"),
     "loras": ("CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",
               "load_lora_file", "key_forms", "ADAPTER_KINDS", "adapter_factors", "adapter_targets", "adapter_lora"),
-    "compare": ("forward", "manager_bypass", "LogCapture", "weights_snapshot", "max_rel_diff", "chain",
+    "compare": ("forward", "apply_model", "manager_bypass", "LogCapture", "weights_snapshot", "max_rel_diff", "chain",
                 "compare", "direct_hook_vs_merged"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

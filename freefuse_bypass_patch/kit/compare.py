@@ -21,12 +21,18 @@ def forward(patcher, inputs) -> torch.Tensor:
 
     mm.load_models_gpu([patcher])
     try:
-        with torch.no_grad():
-            x = inputs["x"]
-            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-            return patcher.model.apply_model(x, inputs["t"], **rest).clone()
+        return apply_model(patcher, inputs).clone()
     finally:
         mm.unload_all_models()
+
+
+def apply_model(patcher, inputs) -> torch.Tensor:
+    """One run of ``patcher``'s diffusion model on ``inputs`` (``x``, ``t`` and the keyword
+    arguments, see ``models.tiny_inputs``), without autograd. Loading it (and unloading) is the
+    caller's: ``forward`` does both; tests and benchmarks that load once run this in a loop."""
+    with torch.no_grad():
+        rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+        return patcher.model.apply_model(inputs["x"], inputs["t"], **rest)
 
 
 def manager_bypass(base, loras: Iterable[Tuple[Dict[str, torch.Tensor], float]]):

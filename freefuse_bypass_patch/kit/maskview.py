@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .comfyui import start_quietly
+from .compare import apply_model
 from .loras import family_lora, make_lora
 from .models import flux_inputs, tiny_flux, tiny_inputs, tiny_model
 
@@ -151,9 +152,7 @@ def _run(patcher, inputs, replay: Optional[List[torch.Tensor]] = None):
                         lambda m, args: feed(m, args) if args[0].dim() == 3 else None))
                 handles.append(module.register_forward_hook(
                     lambda m, args, out: record(m, args, out) if args[0].dim() == 3 else None))
-        with torch.no_grad():
-            rest = {k: v for k, v in inputs.items() if k not in ("x", "t")}
-            out = patcher.model.apply_model(inputs["x"], inputs["t"], **rest).clone()
+        out = apply_model(patcher, inputs).clone()
     finally:
         for handle in handles:
             handle.remove()

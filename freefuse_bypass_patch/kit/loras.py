@@ -215,7 +215,8 @@ def adapter_lora(model, kind: str, convention: str = "kohya", seed: int = 0, lim
     them (default: ``adapter_targets(model, convention)``), taken in order, each target once,
     skipping those the adapter does not tile, up to ``limit``. ``dtype``: the factors stored in
     it (alpha stays fp32), as a trainer saving in that precision would. ``weight_norms``: DoRA
-    magnitudes around the weight's own row norms, as a trained DoRA's are (default: around 1).
+    magnitudes around the weight's own row (for "dora_in": column) norms, as a trained DoRA's
+    are (default: around 1).
     """
     targets = adapter_targets(model, convention) if targets is None else targets
     tiling = {k: options[k] for k in ("factor", "block") if k in options}
@@ -233,7 +234,8 @@ def adapter_lora(model, kind: str, convention: str = "kohya", seed: int = 0, lim
             weight = weights[target if isinstance(target, str) else target[0]]
             if isinstance(target, tuple) and target[1] is not None:
                 weight = weight.narrow(*target[1])
-            magnitude = weight.detach().float().norm(dim=1, keepdim=True).cpu()
+            axis = 0 if kind == "dora_in" else 1  # the norms along the axis the magnitudes scale
+            magnitude = weight.detach().float().norm(dim=axis, keepdim=True).cpu()
         for suffix, tensor in adapter_factors(kind, rows, cols, gen, magnitude=magnitude, **options).items():
             sd["%s.%s" % (name, suffix)] = tensor if dtype is None or suffix == "alpha" else tensor.to(dtype)
     return sd

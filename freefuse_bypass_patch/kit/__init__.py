@@ -14,7 +14,7 @@ ComfyUI loads at start-up imports it). One module per job, imports pointing one 
 
 from .comfyui import default_comfyui, load_custom_node, quiet_logging, start_quietly, use_comfyui
 from .compare import (LogCapture, chain, compare, direct_hook_vs_merged, forward, manager_bypass, max_rel_diff,
-                      weights_snapshot)
+                      weights_snapshot, with_layout)
 from .loras import (CONVENTIONS, family_lora, key_forms, load_lora_file, lora_targets, make_lora, named_targets,
                     random_lora, save_lora)
 from .models import (FAMILIES, FLUX_1, MODELS, RELEASED, SLICED, TINY_FLUX, TINY_SDXL, available, build_model,
@@ -29,5 +29,5 @@ __all__ = [
     "CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",
     "load_lora_file", "key_forms",
     "forward", "manager_bypass", "LogCapture", "weights_snapshot", "max_rel_diff", "chain", "compare",
-    "direct_hook_vs_merged",
+    "direct_hook_vs_merged", "with_layout",
 ]

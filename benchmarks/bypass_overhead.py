@@ -146,7 +146,7 @@ def main():
     parser.add_argument("--targets", choices=["attn_mlp", "all"], default="attn_mlp",
                         help="LoRA targets: attention+MLP linears (default) or every layer the key map reaches")
     parser.add_argument("--layout", choices=["auto", "block", "sliced"], default="auto",
-                        help="plugin's up-projection layout (see hooks._Grouped)")
+                        help="plugin's up-projection layout (hooks.LAYOUTS; block-diagonal only where it holds <= 2x the factors)")
     parser.add_argument("--modes", help="comma-separated substrings: time only the modes that contain one "
                         "(merged, the reference, always runs), e.g. 'plugin,stock'")
     parser.add_argument("--masks", action="store_true",
@@ -168,9 +168,6 @@ def main():
     sc.use_comfyui(args.comfyui or sc.default_comfyui(), cpu=device.type == "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    from freefuse_bypass_patch.hooks import FusedBypassHook
-
-    FusedBypassHook.layout = args.layout
     ratios = {family: run(family, args) for family in families}
     if args.masks and len(families) > 1:
         target = MASK_TARGETS.get(args.config)
@@ -301,16 +298,20 @@ def run(family, args):
         modes["stock bypass, kohya"], attach_times["stock bypass (kohya)"] = attach(
             lambda: bypass(base, None, kohya, 1.0, 0)[0])
         ffbp.install()
-    modes["plugin, 1 LoRA"], attach_times["plugin bypass"] = attach(lambda: bypass(base, None, loras[0], 1.0, 0)[0])
-    modes["plugin, 2 LoRAs"], _ = attach(lambda: sc.chain(bypass, base, [(l, 1.0) for l in loras[:2]]))
+    def plugin(chained):  # through the patched loader, then (--layout) the hooks rebuilt with that layout
+        patcher = sc.chain(bypass, base, [(l, 1.0) for l in chained])
+        return patcher if args.layout == "auto" else sc.with_layout(patcher, args.layout)
+
+    modes["plugin, 1 LoRA"], attach_times["plugin bypass"] = attach(lambda: plugin(loras[:1]))
+    modes["plugin, 2 LoRAs"], _ = attach(lambda: plugin(loras[:2]))
     if family == "flux":
-        modes["plugin, 3 LoRAs"], _ = attach(lambda: sc.chain(bypass, base, [(l, 1.0) for l in loras]))
+        modes["plugin, 3 LoRAs"], _ = attach(lambda: plugin(loras))
         modes["naive hook, 1 LoRA"], _ = attach(lambda: naive(1))
         modes["naive hook, 3 LoRAs"], _ = attach(lambda: naive(3))
     if args.masks:
         modes["merged, 2 LoRAs"], _ = attach(lambda: sc.chain(merged, base, [(l, 1.0) for l in loras[:2]]))
         modes["plugin, 2 LoRAs, masked"], _ = attach(lambda: ffbp.with_lora_masks(
-            sc.chain(bypass, base, [(l, 1.0) for l in loras[:2]]), {0: half_masks[0], 1: half_masks[1]}))
+            plugin(loras[:2]), {0: half_masks[0], 1: half_masks[1]}))
         if family == "flux":
             modes["naive masked hook, 2 LoRAs"], _ = attach(lambda: naive(2, masked=True))
     floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], inputs, mm)

@@ -1,21 +1,21 @@
-"""Every adapter type in factored form: what it adds to a Linear's output, never a full-size delta.
+"""Every adapter type in factored form on a Linear: what it adds to the output, never a full-size delta.
 
 ComfyUI's merge code (``comfy/weight_adapter/*.py`` and ``base.weight_decompose``) is the
 reference, quirks included. Each form works on the output rows its target patches (a fused
-slice or the whole weight) and is built for one (device, dtype):
+slice or the whole weight) and is built for one (device, dtype). One protocol, with defaults:
 
-* ``contribution(x, y)`` is the term the adapter adds to those rows, for activations ``x``
-  (tokens, in) and ``y = W' x`` on those rows, where ``W'`` is the weight as patched by the
-  adapters before it (bias excluded). Only forms with ``reads_output`` look at ``y``.
-* ``low_rank`` (up, down), strength and scale folded in, for forms that are exactly a
-  low-rank product, so that the hook can group them with plain LoRAs in one matmul.
-* forms with ``needs_weight`` read the weight they patch once, in ``prepare``, from column
-  chunks of the effective weight (transient), and keep one vector or an (out, r) matrix.
+* ``low_rank()``: (up, down) with strength and scale folded in, for forms that are exactly
+  a low-rank product (LoRA, GLoRA, DoRA-over-LoRA's inner): the hook groups those in one mm;
+* ``add_(x, rows, mask)``: adds the term in place (forms that do not read the output);
+* ``update_(x, rows, bias)``: rewrites the rows in place (forms with ``reads_output``: DoRA,
+  OFT, BOFT, which read ``y = W' x`` on those rows, bias excluded);
+* ``contribution(x, y)``: the term itself, which both defaults use;
+* ``prepare(columns)``: forms with ``needs_weight`` (DoRA, GLoRA) read W', the weight as
+  patched by the adapters before them, once, from column chunks (transient), and keep one
+  vector or an (out, r) matrix.
 
-Convs have their own forms for plain LoCon and LoKr (:func:`conv_form_class`). An adapter
-with no form here (other conv adapters, LoRA ``reshape``, diff functions, slices on another
-axis, DoRA on the input axis, Tucker LoHa/LoKr, unknown types) gets ``None``; the hook then
-forms its delta transiently, one module at a time.
+Conv forms are in :mod:`.conv_forms`. Which adapter gets which form, and which gets none
+(a transient merge-code delta, a merged patch or a refusal), is decided in :mod:`.slots`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 Columns = Callable[[], Iterator[Tuple[int, int, torch.Tensor]]]
 
 
-def _t(tensor: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+def to32(tensor: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
     return None if tensor is None else tensor.to(device=device, dtype=torch.float32)
 
 
-def _alpha_over(alpha, rank: Optional[int]) -> float:
+def alpha_over(alpha, rank: Optional[int]) -> float:
     return float(alpha) / rank if alpha is not None and rank else 1.0
 
 
@@ -51,9 +51,14 @@ class Form:
     def prepare(self, columns: Columns) -> None:
         """Read the effective weight before this adapter (only called when ``needs_weight``)."""
 
-    def low_rank(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(up (length, R), down (R, in)) with strength and scale folded in, or None."""
+    def factors(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(up (length, R), down (R, in)) with diff = up·down, for diffs that are exactly that; else None."""
         return None
+
+    def low_rank(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``factors()`` with strength and scale folded into down, or None."""
+        pair = self.factors()
+        return None if pair is None else (pair[0], pair[1] * (self.strength * self.plain_scale))
 
     def diff(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         """The merge code's ``lora_diff`` applied to x (before strength, unless the merge code puts it inside)."""
@@ -62,8 +67,23 @@ class Form:
     # scale of diff in the plain (non-DoRA) merge: weight += strength * plain_scale * diff
     plain_scale = 1.0
 
+    # the alpha DoRA scales this adapter's diff by (weight_decompose's ``alpha``): the plain scale;
+    # OFT and BOFT pass their raw alpha (see their constructors)
+    @property
+    def dora_alpha(self) -> float:
+        return self.plain_scale
+
     def contribution(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         return self.diff(x, y) * (self.strength * self.plain_scale)
+
+    def add_(self, x: torch.Tensor, rows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """rows += the term (times a per-token ``mask``): for forms that do not read the output."""
+        add_masked(rows, self.contribution(x, None), mask)
+
+    def update_(self, x: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """rows (= W' x + b on these rows) rewritten in place: for forms with ``reads_output``."""
+        y = rows - bias if bias is not None else rows.clone()
+        rows.add_(self.contribution(x, y))
 
     def cast(self, device, dtype) -> "Form":
         """A copy whose tensors are on ``device`` in ``dtype`` (the hook keeps one per compute dtype)."""
@@ -83,15 +103,11 @@ class LoRAForm(Form):
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
         v = adapter.weights
-        self.up, self.down = _t(v[0], device).flatten(1), _t(v[1], device).flatten(1)
-        self.plain_scale = _alpha_over(v[2], self.down.shape[0])
+        self.up, self.down = to32(v[0], device).flatten(1), to32(v[1], device).flatten(1)
+        self.plain_scale = alpha_over(v[2], self.down.shape[0])
 
-    def factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(up, down) with diff = up·down."""
+    def factors(self):
         return self.up, self.down
-
-    def low_rank(self):
-        return self.up, self.down * (self.strength * self.plain_scale)
 
     def diff(self, x, y):
         return F.linear(F.linear(x, self.down), self.up)
@@ -103,8 +119,8 @@ class _LoHaFactors(Form):
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
         w1a, w1b, alpha, w2a, w2b = adapter.weights[:5]
-        self.w1a, self.w1b, self.w2a, self.w2b = (_t(t, device) for t in (w1a, w1b, w2a, w2b))
-        self.plain_scale = _alpha_over(alpha, w1b.shape[0])
+        self.w1a, self.w1b, self.w2a, self.w2b = (to32(t, device) for t in (w1a, w1b, w2a, w2b))
+        self.plain_scale = alpha_over(alpha, w1b.shape[0])
 
 
 class LoHaForm(_LoHaFactors):
@@ -130,7 +146,7 @@ class LoHaForm(_LoHaFactors):
         p, q = self.product()
         return F.linear(F.linear(x, q), p)
 
-    def add_into(self, x, out_rows, mask=None):
+    def add_(self, x, out_rows, mask=None):
         """out_rows += s·scale·P·(Q·x), the mask (if any) applied in rank space: no output-size temporary."""
         p, q = self.product()
         z = F.linear(x, q * (self.strength * self.plain_scale))
@@ -152,7 +168,7 @@ class LoKrForm(Form):
 
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
-        self.w1, self.w2, low, self.plain_scale = _lokr_factors(adapter, device)
+        self.w1, self.w2, low, self.plain_scale = lokr_factors(adapter, device)
         self.w2a, self.w2b = low if low is not None else (None, None)  # kept low-rank: x·w2ᵀ = (x·w2bᵀ)·w2aᵀ
 
     @staticmethod
@@ -179,7 +195,7 @@ class LoKrForm(Form):
     def contribution(self, x, y):
         return torch.matmul(self.w1 * (self.strength * self.plain_scale), self._right(x)).flatten(-2)
 
-    def add_into(self, x, out_rows, mask=None):
+    def add_(self, x, out_rows, mask=None):
         """out_rows (viewed (T, out1, out2)) += s·scale·w1 · (X·w2ᵀ), in place; the mask scales X·w2ᵀ."""
         z = self._right(x)
         if mask is not None:
@@ -189,19 +205,19 @@ class LoKrForm(Form):
         rows.baddbmm_(w1.expand(z.shape[0], -1, -1), z)
 
 
-def _lokr_factors(adapter, device):
+def lokr_factors(adapter, device):
     """(w1, w2 or None, (w2_a, w2_b) or None, scale) as the merge code reads a LoKr: a low-rank
     w1 is formed (it is the small factor), w2's pair is kept; scale = alpha / the last pair's rank."""
     w1, w2, alpha, w1a, w1b, w2a, w2b = adapter.weights[:7]
     dim, low = None, None
     if w1 is None:
         dim = w1b.shape[0]
-        w1 = _t(w1a, device) @ _t(w1b, device)
+        w1 = to32(w1a, device) @ to32(w1b, device)
     if w2 is None:
         dim = w2b.shape[0]
-        low = (_t(w2a, device), _t(w2b, device))
+        low = (to32(w2a, device), to32(w2b, device))
     scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
-    return _t(w1, device), _t(w2, device), low, scale
+    return to32(w1, device), to32(w2, device), low, scale
 
 
 class GLoRAForm(Form):
@@ -212,7 +228,7 @@ class GLoRAForm(Form):
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
         v = adapter.weights
-        a1, a2, b1, b2 = (_t(t, device).flatten(1) for t in v[:4])
+        a1, a2, b1, b2 = (to32(t, device).flatten(1) for t in v[:4])
         old = v[3].shape[1] == v[2].shape[0] == v[0].shape[0] == v[1].shape[1]
         if v[3].shape[0] == v[2].shape[1] == v[0].shape[1] == v[1].shape[0]:
             if not (old and v[1].shape[0] == length and length == in_features):
@@ -221,7 +237,7 @@ class GLoRAForm(Form):
             self.a, self.b, self.c, self.d, rank = a2, a1, b2, b1, v[0].shape[0]
         else:
             self.a, self.b, self.c, self.d, rank = a1, a2, b1, b2, v[1].shape[0]
-        self.plain_scale = _alpha_over(v[4], rank)
+        self.plain_scale = alpha_over(v[4], rank)
         self.wa = None  # W'·A, from prepare()
 
     def prepare(self, columns):
@@ -230,12 +246,8 @@ class GLoRAForm(Form):
             wa.addmm_(w_cols.t(), self.a[c0:c1])
         self.wa, self.a = wa, None
 
-    def factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def factors(self):
         return torch.cat([self.wa, self.c], dim=1), torch.cat([self.b, self.d], dim=0)
-
-    def low_rank(self):
-        up, down = self.factors()
-        return up, down * (self.strength * self.plain_scale)
 
     def diff(self, x, y):
         return F.linear(F.linear(x, self.b), self.wa) + F.linear(F.linear(x, self.d), self.c)
@@ -249,8 +261,13 @@ class OFTForm(Form):
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
         blocks, _, alpha = adapter.weights[:3]
-        self.r = _cayley(_t(blocks, device), 0 if alpha is None else alpha)
+        self.raw_alpha = float(alpha or 0)
+        self.r = _cayley(to32(blocks, device), self.raw_alpha)
         self.eye = torch.eye(self.r.shape[-1], device=device)
+
+    @property
+    def dora_alpha(self) -> float:
+        return self.raw_alpha
 
     def _rotate(self, y, scale: float):
         return _per_block(y, (self.r - self.eye) * scale)
@@ -277,11 +294,12 @@ class BOFTForm(Form):
     def __init__(self, adapter, strength, start, length, in_features, device):
         super().__init__(adapter, strength, start, length, in_features, device)
         blocks, rescale, alpha = adapter.weights[:3]
-        r = _cayley(_t(blocks, device), alpha)
+        self.raw_alpha = float(alpha)
+        r = _cayley(to32(blocks, device), alpha)
         if self.strength != 1:  # the merge code interpolates every stage
             r = r * self.strength + (1 - self.strength) * torch.eye(r.shape[-1], device=device)
         self.group = 2 ** (r.shape[0] - 1) * r.shape[-1]
-        self.rescale = None if rescale is None else _t(rescale, device).flatten()
+        self.rescale = None if rescale is None else to32(rescale, device).flatten()
         self.r = self.blocks = None
         if self.group <= self.max_group and length % self.group == 0:
             units = torch.eye(self.group, device=device).repeat(length // self.group, 1)
@@ -291,6 +309,10 @@ class BOFTForm(Form):
             self.rescale = None
         else:
             self.r = r
+
+    @property
+    def dora_alpha(self) -> float:
+        return self.raw_alpha
 
     def diff(self, x, y):
         if self.blocks is not None:
@@ -339,8 +361,8 @@ class DoRAForm(Form):
         v = adapter.weights
         inner = self.inner = _plain_class(adapter.name, v, adapter, length, in_features)(
             adapter, strength, start, length, in_features, device)
-        self.dora_scale = _t(v[DORA_INDEX[adapter.name]], device).flatten()
-        self.alpha = inner.plain_scale if not isinstance(inner, (OFTForm, BOFTForm)) else (v[2] or 0)
+        self.dora_scale = to32(v[DORA_INDEX[adapter.name]], device).flatten()
+        self.alpha = inner.dora_alpha
         self.gain = self.diff_scale = self.up = self.down = None  # from prepare()
 
     def prepare(self, columns):
@@ -352,8 +374,9 @@ class DoRAForm(Form):
         c = self.dora_scale / (sumsq.sqrt() + torch.finfo(torch.float32).eps)
         self.gain = 1 + self.strength * (c - 1)
         self.diff_scale = self.strength * self.alpha * c
-        if isinstance(self.inner, (LoRAForm, GLoRAForm)):  # low-rank inner: fold the row scale into its up
-            up, self.down = self.inner.factors()
+        factors = self.inner.factors()
+        if factors is not None:  # low-rank inner: fold the row scale into its up
+            up, self.down = factors
             self.up, self.inner = up * self.diff_scale[:, None], None
 
     def cast(self, device, dtype):
@@ -401,9 +424,15 @@ def form_class(adapter: Any, out_rows: int, in_features: int) -> Optional[type]:
     dora_scale = v[DORA_INDEX[name]] if len(v) > DORA_INDEX[name] else None
     if base is None or dora_scale is None:
         return base
-    if dora_scale.shape[0] != out_rows or base is DenseLoHaForm:
-        return None  # DoRA on the input axis: no factored form
+    if not dora_on_rows(dora_scale, out_rows) or base is DenseLoHaForm:
+        return None  # DoRA on the input axis, or a dora_scale merged broadcasts oddly: no factored form
     return DoRAForm
+
+
+def dora_on_rows(dora_scale: torch.Tensor, out_rows: int) -> bool:
+    """One magnitude per output row, shaped (out, 1, ...) as weight_decompose divides it by the
+    row norms (out, 1, ...); a 1-D (out,) one broadcasts against them into (out, out) there."""
+    return dora_scale.dim() >= 2 and dora_scale.shape[0] == out_rows and dora_scale[0].numel() == 1
 
 
 def _plain_class(name, v, adapter, out_rows, in_features):
@@ -450,88 +479,9 @@ def effective_columns(weight32: Callable[[int, int], torch.Tensor], in_features:
     return gen
 
 
-class ConvForm:
-    """An adapter on output channels ``[start, start + length)`` of a Conv1d/2d/3d."""
-
-    def __init__(self, adapter: Any, strength: float, start: int, length: int, module: torch.nn.Module, device):
-        self.strength, self.start, self.length, self.device = float(strength), start, length, device
-        dims = len(module.weight.shape) - 2
-        self.conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        self.kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-
-    cast = Form.cast
-    tensors = Form.tensors
-
-
-class ConvLoRAForm(ConvForm):
-    """LoCon: ΔW = (α/r)·up·down (optionally down → Tucker mid): conv by down (and mid), then 1x1 up."""
-
-    def __init__(self, adapter, strength, start, length, module, device):
-        super().__init__(adapter, strength, start, length, module, device)
-        up, down, alpha, mid = adapter.weights[:4]
-        self.up, self.down, self.mid = _t(up, device), _t(down, device), _t(mid, device)
-        self.scale = self.strength * _alpha_over(alpha, down.shape[0])
-
-    @staticmethod
-    def fits(adapter, module) -> bool:
-        up, down, _, mid, _, reshape = adapter.weights[:6]
-        ones = all(k == 1 for k in up.shape[2:])
-        if mid is not None:
-            ones = ones and all(k == 1 for k in down.shape[2:]) and mid.shape[2:] == module.weight.shape[2:]
-        else:
-            ones = ones and down.shape[2:] == module.weight.shape[2:]
-        return reshape is None and up.dim() == len(module.weight.shape) and ones
-
-    def contribution(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mid is None:
-            z = self.conv(x, self.down, **self.kw)
-        else:
-            z = self.conv(self.conv(x, self.down), self.mid, **self.kw)
-        return self.conv(z, self.up * self.scale)
-
-
-class ConvLoKrForm(ConvForm):
-    """Conv LoKr: kron(w1, w2) * x = w1 across the in1 input groups of (w2 * each group)."""
-
-    def __init__(self, adapter, strength, start, length, module, device):
-        super().__init__(adapter, strength, start, length, module, device)
-        w1, w2, low, scale = _lokr_factors(adapter, device)
-        self.w1 = w1.flatten(1)
-        self.w2 = w2 if low is None else low[0] @ low[1]
-        if self.w2.dim() != len(module.weight.shape):
-            self.w2 = self.w2.reshape(*self.w2.shape[:2], *module.weight.shape[2:])
-        self.scale = self.strength * scale
-
-    @staticmethod
-    def fits(adapter, module, length: int) -> bool:
-        w1, w2, _, w1a, w1b, w2a, w2b, t2 = adapter.weights[:8]
-        kernel = tuple(module.weight.shape[2:])
-        rows1, cols1 = (w1.shape if w1 is not None else (w1a.shape[0], w1b.shape[1]))[:2]
-        if t2 is not None:
-            return False  # the merge code fails on a Tucker LoKr (and leaves the weight): so does the fallback
-        if w2 is not None:
-            rows2, cols2, k2 = w2.shape[0], w2.shape[1], tuple(w2.shape[2:])
-        else:
-            rows2, cols2, k2 = w2a.shape[0], w2b.shape[1], ()
-        if k2 != kernel and not (k2 == () and all(k == 1 for k in kernel)):
-            return False  # the merge code cannot reshape this kron to the weight either
-        return rows1 * rows2 == length and cols1 * cols2 == module.weight.shape[1] and (w1 is None or w1.dim() == 2)
-
-    def contribution(self, x: torch.Tensor) -> torch.Tensor:
-        groups = self.w1.shape[1]
-        z = self.conv(x.reshape(x.shape[0] * groups, -1, *x.shape[2:]), self.w2, **self.kw)
-        z = z.reshape(x.shape[0], groups, *z.shape[1:])  # (B, in1, out2, ...)
-        return torch.einsum("ij,bj...->bi...", self.w1 * self.scale, z).flatten(1, 2)
-
-
-def conv_form_class(adapter: Any, module: torch.nn.Module, length: int) -> Optional[type]:
-    """The factored form of a plain LoCon or LoKr on a conv (groups 1, zero padding), or None."""
-    name, v = getattr(adapter, "name", None), getattr(adapter, "weights", None)
-    if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros" \
-            or not isinstance(v, (tuple, list)) or name not in ("lora", "lokr"):
-        return None
-    if v[DORA_INDEX[name]] is not None or len(module.weight.shape) not in (3, 4, 5):
-        return None
-    if name == "lora":
-        return ConvLoRAForm if ConvLoRAForm.fits(adapter, module) else None
-    return ConvLoKrForm if ConvLoKrForm.fits(adapter, module, length) else None
+def add_masked(rows: torch.Tensor, term: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """rows += term, scaled per token by ``mask`` (tokens, 1) when there is one."""
+    if mask is None:
+        rows.add_(term)
+    else:
+        rows.addcmul_(term, mask)

@@ -3,184 +3,53 @@
 Stock ComfyUI keeps one adapter per module and replaces ``module.forward``; two adapters on
 one fused ``qkv`` (or two LoRAs on one layer) overwrite each other, and two hooks on one
 module break when ejected out of order. Here a module gets one torch forward hook that
-owns all of its adapters, in load order, and this module keeps its lifecycle and dispatch:
+owns all of its adapters, in load order, as :mod:`.slots` decided them at load:
 
-* every adapter with a factored form (:mod:`.forms`: LoRA, LoHa, LoKr, GLoRA, DoRA, OFT,
-  BOFT on a Linear) is built once per (device, dtype) on the first forward, from its
-  factors only. Forms that are low-rank products (LoRA, LoHa, GLoRA) are *grouped*: all
+* factored forms (:mod:`.forms`, :mod:`.conv_forms`) are built once per (device, dtype) on
+  the first forward, from the factors only. Low-rank ones (LoRA, GLoRA) are *grouped*: all
   down-projections in one ``mm`` (strength and scale folded in), up-projections written
-  into the output in place (one block-diagonal ``addmm_`` on CUDA, one per slice view on
-  CPU). Forms that read the output (DoRA, OFT, BOFT) rescale or rotate it in load order,
-  as the merged path patches the weight in load order.
-* an adapter with no factored form (conv beyond LoCon, diff functions, DoRA on the input
-  axis, unknown types) gets its delta from ComfyUI's own ``comfy.lora.calculate_weight``
-  inside the forward, in fp32, applied and dropped at once: a transient, never a cache.
-  If such an adapter shares a module with a weight-dependent one, the whole module goes
-  this way, in load order.
+  into the output in place (block-diagonal, one ``addmm_``, or one per slice: see
+  ``_Grouped``). The others add their term in place (``add_``) or, if they read the output
+  (DoRA, OFT, BOFT), rewrite it in load order (``update_``), as merged patches the weight
+  in load order.
+* transient adapters get their delta from ComfyUI's ``comfy.lora.calculate_weight`` inside
+  the forward, fp32, dropped at once. One whose delta does not read the weight is computed
+  against zeros, alone; the first one that reads it (DoRA on the input axis, a conv DoRA...)
+  is computed against W' and the merge code's own patching of the adapters before it, and
+  every adapter after it in the module goes the same way, in load order. Adapters before it
+  stay factored.
 * trainable adapters (``nn.Module``, from ComfyUI's trainer) keep their own ``h``/``g``.
 
 What a hook keeps after a forward: the factors in the compute dtype and O(out) vectors
-(:meth:`FusedBypassHook.held_bytes`), dropped when it is detached. Per-LoRA token masks
-(:mod:`.masks`) scale each LoRA's term per token: in rank space for grouped forms; LoRAs
-switched off (:mod:`.switch`) are skipped. The manager hands each hook the source of that
-state (:mod:`.regional`).
+(:meth:`FusedBypassHook.held_bytes`), dropped when it is detached. Its manager hands it the
+source of per-forward state (:mod:`.regional`): per-LoRA token masks, which scale each
+LoRA's term per token (in rank space for grouped forms), and the LoRAs switched off
+(:mod:`.switch`), which add nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .forms import DORA_INDEX, conv_form_class, effective_columns, form_class
-from .keys import BypassKeyError, Target
-from .weights import logical_shape, read, read_bias, unreadable
+from .forms import Form, add_masked, effective_columns
+from .slots import FACTORED, TRANSIENT, AdapterSlot, out_rows, weight_dependent
+from .weights import logical_shape, read, read_bias
 
 log = logging.getLogger(__name__)
 
 # Attribute on a hooked module naming the hook that is attached to it right now.
 ACTIVE_HOOK_ATTR = "_freefuse_bypass_hook"
+LAYOUTS = ("auto", "block", "sliced")  # grouped up-projections: see _Grouped; auto = block on CUDA
 
-
-@dataclass(frozen=True)
-class AdapterSlot:
-    """One adapter bound to one target, with the strength it was loaded at."""
-
-    key: Any  # the load_lora key, for messages
-    target: Target
-    adapter: Any
-    strength: float
-    lora: int = 0  # chain position of the LoRA it came from (for masks)
-
-
-def is_trainable(adapter: Any) -> bool:
-    return isinstance(adapter, torch.nn.Module)
-
-
-def weight_dependent(adapter: Any) -> bool:
-    """True when the adapter's delta depends on the weight it patches (DoRA, OFT, BOFT, GLoRA...).
-
-    Such deltas do not commute with the other patches of the same weight, so they are
-    computed in load order against the patched weight. Unknown types count as dependent.
-    """
-    name = getattr(adapter, "name", None)
-    if name not in ("lora", "loha", "lokr"):
-        return True
-    index = DORA_INDEX[name]
-    weights = getattr(adapter, "weights", ())
-    return len(weights) > index and weights[index] is not None
-
-
-def lora_factors(adapter: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[float]]]:
-    """(up, down, alpha) for a plain LoRA; None for anything that is not a plain LoRA."""
-    if is_trainable(adapter) or getattr(adapter, "name", None) != "lora":
-        return None
-    weights = getattr(adapter, "weights", None)
-    if not isinstance(weights, (tuple, list)) or len(weights) < 3:
-        return None
-    up, down, alpha = weights[0], weights[1], weights[2]
-    extras = weights[3:6]  # mid (LoCon/Tucker), dora_scale, reshape
-    if any(e is not None for e in extras):
-        return None
-    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
-        return None
-    if up.dim() != 2 or down.dim() != 2:
-        return None
-    return up, down, (float(alpha) if alpha is not None else None)
-
-
-def _out_rows(target: Target, weight_shape: Sequence[int]) -> Tuple[int, int]:
-    """(start, length) of the output rows a target writes; raises if the slice is outside."""
-    if target.offset is None:
-        return 0, int(weight_shape[0])
-    dim, start, length = target.offset
-    if dim < 0 or dim >= len(weight_shape) or start + length > weight_shape[dim]:
-        raise BypassKeyError(
-            "%s: slice outside weight of shape %s" % (target.describe(), tuple(weight_shape))
-        )
-    if dim != 0:
-        return 0, int(weight_shape[0])
-    return start, length
-
-
-class UnreadableWeight(BypassKeyError):
-    """The adapter needs the weight (or bias) it patches, and this module's cannot be read."""
-
-
-def check_slot(slot: AdapterSlot, weight_shape: Sequence[int], module: Optional[torch.nn.Module] = None) -> None:
-    """Raise BypassKeyError, naming key, target and shapes, if the slot cannot fit its weight;
-    with the ``module``, UnreadableWeight if it needs a weight or bias that cannot be read."""
-    _check_shapes(slot, weight_shape)
-    if module is not None:
-        for part, needed in zip(("weight", "bias"), reads(slot, module)):
-            reason = unreadable(module, part) if needed else None
-            if reason is not None:
-                raise UnreadableWeight("%s key %r needs the %s it patches to be read, but %s"
-                                       % (type(slot.adapter).__name__, slot.key, part, reason))
-
-
-def slot_form_class(slot: AdapterSlot, module: torch.nn.Module) -> Optional[type]:
-    """The factored form this slot takes on ``module``, or None (a transient merge-code delta)."""
-    target = slot.target
-    if target.function is not None or (target.offset is not None and target.offset[0] != 0):
-        return None
-    shape = logical_shape(module.weight)
-    rows = _out_rows(target, shape)[1]
-    if len(shape) != 2:
-        return conv_form_class(slot.adapter, module, rows)
-    return form_class(slot.adapter, rows, int(math.prod(shape[1:])))
-
-
-def reads(slot: AdapterSlot, module: torch.nn.Module) -> Tuple[bool, bool]:
-    """(needs W', needs b): what applying ``slot`` on ``module`` reads besides its own factors."""
-    if is_trainable(slot.adapter):
-        return False, False
-    cls = slot_form_class(slot, module)
-    if cls is None:
-        return weight_dependent(slot.adapter), False
-    has_bias = getattr(module, "bias", None) is not None
-    return bool(getattr(cls, "needs_weight", False)), has_bias and bool(getattr(cls, "reads_output", False))
-
-
-def _check_shapes(slot: AdapterSlot, weight_shape: Sequence[int]) -> None:
-    start, length = _out_rows(slot.target, weight_shape)
-    in_features = int(math.prod(weight_shape[1:]))
-    factors = lora_factors(slot.adapter)
-    if factors is not None:
-        up, down, _ = factors
-        if up.shape[1] != down.shape[0] or up.shape[0] != length or down.shape[1] != in_features:
-            raise BypassKeyError(
-                "LoRA key %r: up %s x down %s does not fit %s (needs (%d, r) x (r, %d); weight %s)"
-                % (slot.key, tuple(up.shape), tuple(down.shape), slot.target.describe(),
-                   length, in_features, tuple(weight_shape))
-            )
-    elif slot.target.function is None and len(weight_shape) == 2 and not is_trainable(slot.adapter) \
-            and (slot.target.offset is None or slot.target.offset[0] == 0):
-        _probe_form(slot, start, length, in_features, weight_shape)
-
-
-def _probe_form(slot: AdapterSlot, start: int, length: int, in_features: int, weight_shape) -> None:
-    """Build the slot's form on one zero token: a factor that does not fit fails here, at load,
-    with the key and the shapes, instead of inside a forward."""
-    cls = form_class(slot.adapter, length, in_features)
-    if cls is None:
-        return
-    try:
-        form = cls(slot.adapter, slot.strength, start, length, in_features, torch.device("cpu"))
-        if form.needs_weight:  # one zero column of the weight: shapes checked, no full-size work
-            form.prepare(lambda: iter([(0, 1, torch.zeros(1, length))]))
-        term = form.contribution(torch.zeros(1, in_features), torch.zeros(1, length))
-        if tuple(term.shape) != (1, length):
-            raise ValueError("its term has shape %s" % (tuple(term.shape[1:]),))
-    except Exception as err:
-        shapes = ", ".join(str(tuple(t.shape)) for t in getattr(slot.adapter, "weights", ()) if isinstance(t, torch.Tensor))
-        raise BypassKeyError("%s key %r: factors %s do not fit %s (weight %s): %s"
-                             % (type(slot.adapter).__name__, slot.key, shapes, slot.target.describe(),
-                                tuple(weight_shape), err)) from None
+# A function of a LoRA's chain position: its per-token scale (tokens, 1) for this forward, or None.
+LoraMasks = Callable[[int], Optional[torch.Tensor]]
+# What the manager's source gives a hook for one forward (None: nothing to do, the fast path).
+HookState = Tuple[Optional[LoraMasks], FrozenSet[int]]
 
 
 class _Grouped:
@@ -191,8 +60,11 @@ class _Grouped:
     distinct slice (``plan``: one ``addmm_`` each, on a view of the output) or, with
     ``block_diagonal``, as one (R, out) matrix that is zero outside each form's slice, so
     a single ``addmm_`` covers the whole output. The first does the fewest FLOPs (best on
-    CPU); the second launches the fewest kernels (best on GPU). Both are exact: the zero
-    blocks add exact zeros. ``columns`` gives each LoRA's rank columns, for masks.
+    CPU); the second launches the fewest kernels (best on GPU) and is used only where its
+    zero blocks keep the bytes held within twice the factors' (:func:`_block_fits`: one
+    slice, or equal thirds such as q/k/v; Flux's ``linear1``, q/k/v/mlp, stays per slice).
+    Both are exact: the zero blocks add exact zeros. ``columns`` gives each LoRA's rank
+    columns, for masks.
     """
 
     __slots__ = ("down_t", "plan", "up_full_t", "columns")
@@ -202,6 +74,8 @@ class _Grouped:
         rows = {(start, length) for start, length, _, _, _ in entries}
         downs, columns, rank_end = [], [], 0
         if block_diagonal or rows == {(0, out_features)}:
+            block_diagonal = _block_fits(entries, out_features)
+        if block_diagonal:
             # any column order works here: each LoRA's columns adjacent, one mask multiply per LoRA
             ordered = sorted(entries, key=lambda entry: entry[4])
             full = torch.zeros(sum(e[3].shape[0] for e in entries), out_features, device=entries[0][3].device)
@@ -282,8 +156,38 @@ class _Grouped:
         return [self.down_t] + ([self.up_full_t] if self.up_full_t is not None else [p[4] for p in self.plan])
 
 
-# A function of a LoRA's chain position: its per-token scale (tokens, 1) for this forward, or None.
-LoraMasks = Callable[[int], Optional[torch.Tensor]]
+def _block_fits(entries, out_features: int) -> bool:
+    """Does the block-diagonal layout hold at most twice the factors' bytes? It holds R·(in + out)
+    (down and a zero-padded up); the factors are R·in + Σ rᵢ·lengthᵢ."""
+    rank = sum(down.shape[0] for _, _, _, down, _ in entries)
+    ups = sum(down.shape[0] * length for _, length, _, down, _ in entries)
+    return rank * out_features <= rank * entries[0][3].shape[1] + 2 * ups
+
+
+class Additive(NamedTuple):
+    """Forms that only add a term: the grouped low-rank ones and the rest, with their LoRA."""
+    grouped: Optional[_Grouped]
+    forms: Tuple[Tuple[Form, int], ...]
+
+
+class OutputReading(NamedTuple):
+    """One form that reads the output so far (DoRA, OFT, BOFT) and rewrites it."""
+    form: Form
+    lora: int
+
+
+class ConvTerm(NamedTuple):
+    """One conv form: additive, applied on its own."""
+    form: Any
+    lora: int
+
+
+class TransientGroup(NamedTuple):
+    """Slots whose delta the merge code forms per forward, in load order; ``prefix``: the module's
+    slots before them, merged into W' first (only when ``reads_weight``)."""
+    prefix: Tuple[AdapterSlot, ...]
+    slots: Tuple[AdapterSlot, ...]
+    reads_weight: bool
 
 
 class _Built:
@@ -292,50 +196,52 @@ class _Built:
     __slots__ = ("segments", "bias")
 
     def __init__(self, segments, bias):
-        # ("add", _Grouped or None, ((form, lora), ...)), ("seq", form, lora) or ("conv", form, lora)
         self.segments = segments
         self.bias = bias
 
     def tensors(self) -> List[torch.Tensor]:
         out = [self.bias] if self.bias is not None else []
         for segment in self.segments:
-            if segment[0] == "add":
-                out += segment[1].tensors() if segment[1] is not None else []
-                out += [t for form, _ in segment[2] for t in form.tensors()]
-            else:  # "seq" and "conv": one form
-                out += segment[1].tensors()
+            if isinstance(segment, Additive):
+                out += segment.grouped.tensors() if segment.grouped is not None else []
+                out += [t for form, _ in segment.forms for t in form.tensors()]
+            else:
+                out += segment.form.tensors()
         return out
 
 
 class FusedBypassHook:
     """All bypass adapters of one module, applied by one forward hook."""
 
-    # How grouped up-projections are applied: "auto" (block-diagonal on CUDA, per slice
-    # elsewhere), "block" or "sliced". Exposed for the benchmark and the tests.
-    layout = "auto"
-    # Given to each hook by its manager (see .regional): (hook, input) -> None (nothing to do: the
-    # fast path) or (the LoRA masks of this module in this forward or None, chain positions off).
-    mask_source: Optional[Callable[["FusedBypassHook", torch.Tensor],
-                                   Optional[Tuple[Optional[LoraMasks], FrozenSet[int]]]]] = None
-
-    def __init__(self, module: torch.nn.Module, module_path: str, slots: Sequence[AdapterSlot]):
-        self.module = module
-        self.module_path = module_path
-        self.slots = tuple(slots)
+    def __init__(self, module: torch.nn.Module, module_path: str, slots: Sequence[AdapterSlot],
+                 layout: str = "auto", mask_source: Optional[Callable[["FusedBypassHook", torch.Tensor],
+                                                                       Optional[HookState]]] = None):
+        if layout not in LAYOUTS:
+            raise ValueError("layout %r: one of %s" % (layout, ", ".join(LAYOUTS)))
+        undecided = [s.key for s in slots if s.decision is None or s.decision.fate not in (FACTORED, TRANSIENT)]
+        if undecided:
+            raise ValueError("slots without a factored or transient decision: %s" % (undecided,))
+        self.module, self.module_path, self.slots = module, module_path, tuple(slots)
+        self.layout, self.mask_source = layout, mask_source
         self.shape = logical_shape(module.weight)  # GGUF: the logical shape, not the blocks'
         self.linear = len(self.shape) == 2
         self.out_features = self.shape[0]
         self.in_features = int(math.prod(self.shape[1:]))
-        self.trainable = tuple(s for s in self.slots if is_trainable(s.adapter))
+        self.trainable = tuple(s for s in self.slots if s.decision.fate == FACTORED and s.decision.form is None)
         ordered = [s for s in self.slots if s not in self.trainable]
-        classes = [slot_form_class(s, module) for s in ordered]
-        if any(c is None for c in classes) and any(weight_dependent(s.adapter) for s in ordered):
-            # no factored form for one of them, and order matters: the whole module in load order
-            self.form_slots, self.transient_groups = (), (tuple(ordered),)
-        else:
-            self.form_slots = tuple((s, c) for s, c in zip(ordered, classes) if c is not None)
-            self.transient_groups = tuple((s,) for s, c in zip(ordered, classes) if c is None)
-        self._built: Dict[Tuple[Any, Any], _Built] = {}
+        # the first transient whose delta reads W', or that an adapter after it reads (in W' or in
+        # the output): from there on the module goes through the merge code, in load order
+        first = next((i for i, s in enumerate(ordered) if s.decision.fate == TRANSIENT and (
+            s.decision.reads_weight or any(_reads_earlier(t) for t in ordered[i + 1:]))), len(ordered))
+        before, after = tuple(ordered[:first]), tuple(ordered[first:])
+        self.form_slots = tuple((s, s.decision.form) for s in before if s.decision.fate == FACTORED)
+        additive = tuple(s for s in before if s.decision.fate == TRANSIENT)  # nothing after reads them
+        self.transient_groups = ((TransientGroup((), additive, False),) if additive else ()) + (
+            (TransientGroup(before, after, any(weight_dependent(s.adapter) for s in after)),) if after else ())
+        # LoRAs whose forms come before a form that reads W': switching one off changes what it read
+        readers = [i for i, (_, cls) in enumerate(self.form_slots) if cls.needs_weight]
+        self._read_by_later = frozenset(s.lora for s, _ in self.form_slots[:readers[-1]]) if readers else frozenset()
+        self._built: Dict[Tuple[Any, Any, FrozenSet[int]], _Built] = {}
         self._handle = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -346,7 +252,7 @@ class FusedBypassHook:
         other = self.module.__dict__.get(ACTIVE_HOOK_ATTR)
         if other is not None and other is not self:
             other.detach()
-        self._handle = self.module.register_forward_hook(self._forward_hook)
+        self._handle = self.module.register_forward_hook(self._forward_hook, with_kwargs=True)
         self.module.__dict__[ACTIVE_HOOK_ATTR] = self
 
     def detach(self) -> None:
@@ -368,14 +274,17 @@ class FusedBypassHook:
         return sum(seen.values())
 
     # -- forward ---------------------------------------------------------------------
-    def _forward_hook(self, module, args, output):
-        if not args or not isinstance(output, torch.Tensor):
-            return None
+    def _forward_hook(self, module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            raise TypeError("[freefuse_bypass_patch] %s (%s): bypass needs the input and output tensors of its "
+                            "forward, got input %s and output %s" % (self.module_path, type(module).__name__,
+                                                                     type(x).__name__, type(output).__name__))
         source = self.mask_source
-        state = source(self, args[0]) if source is not None else None
+        state = source(self, x) if source is not None else None
         if state is None:
-            return self.apply(args[0], output)
-        return self.apply(args[0], output, *state)
+            return self.apply(x, output)
+        return self.apply(x, output, *state)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks] = None,
               off: FrozenSet[int] = frozenset()) -> torch.Tensor:
@@ -389,29 +298,35 @@ class FusedBypassHook:
         if not out.is_contiguous():
             out = out.contiguous()
         if self.form_slots:
-            built = self._built.get((out.device, out.dtype))
-            if built is None:
-                built = self._built[(out.device, out.dtype)] = self._build(out.device, out.dtype, out.is_cuda)
-            self._add_forms(built, x, out, masks, off)
+            self._add_forms(self._forms_for(out, off & self._read_by_later), x, out, masks, off)
         for group in self.transient_groups:
-            if off:  # the rest in load order, as if the LoRAs that are off were never loaded
-                group = tuple(slot for slot in group if slot.lora not in off)
-            if group:
-                self._add_transient(group, x, out, masks)
+            self._add_transient(group, x, out, masks, off)
         for slot in self.trainable:
             if slot.lora not in off:
                 out = self._apply_trainable(slot, x, out)
         return out
 
-    def _build(self, device, dtype, cuda: bool) -> _Built:
+    def _forms_for(self, out: torch.Tensor, stale: FrozenSet[int]) -> _Built:
+        """The built forms for this compute device and dtype. ``stale``: LoRAs switched off before a
+        form that reads W': those forms are built without them (kept beside the usual build)."""
+        key = (out.device, out.dtype, stale)
+        built = self._built.get(key)
+        if built is None:
+            if stale:  # one such build at a time per device and dtype
+                for other in [k for k in self._built if k[:2] == key[:2] and k[2]]:
+                    del self._built[other]
+            built = self._built[key] = self._build(out.device, out.dtype, out.is_cuda, stale)
+        return built
+
+    def _build(self, device, dtype, cuda: bool, without: FrozenSet[int] = frozenset()) -> _Built:
         """Forms in fp32 on the compute device, weight-reading ones prepared in load order, then cast."""
+        form_slots = [(s, cls) for s, cls in self.form_slots if s.lora not in without]
         if not self.linear:  # conv forms: additive, each applied on its own
-            return _Built(tuple(("conv", cls(slot.adapter, slot.strength, *_out_rows(slot.target, self.shape),
-                                             self.module, device).cast(device, dtype), slot.lora)
-                                for slot, cls in self.form_slots), None)
+            return _Built(tuple(ConvTerm(cls(s.adapter, s.strength, *out_rows(s.target, self.shape), self.module,
+                                             device).cast(device, dtype), s.lora) for s, cls in form_slots), None)
         forms32, weight = [], None
-        for slot, cls in self.form_slots:
-            start, length = _out_rows(slot.target, self.shape)
+        for slot, cls in form_slots:
+            start, length = out_rows(slot.target, self.shape)
             form = cls(slot.adapter, slot.strength, start, length, self.in_features, device)
             if form.needs_weight:
                 if weight is None:  # W' as this module's forward computes with it, read once per build
@@ -429,100 +344,88 @@ class FusedBypassHook:
             low = [(f.start, f.length) + pair + (lora,) for f, lora, pair in factors if pair is not None]
             grouped = _Grouped(low, self.out_features, dtype, block) if low else None
             rest = tuple((f.cast(device, dtype), lora) for f, lora, pair in factors if pair is None)
-            segments.append(("add", grouped, rest))
+            segments.append(Additive(grouped, rest))
             run.clear()
 
-        for (slot, _), form in zip(self.form_slots, forms32):
+        for (slot, _), form in zip(form_slots, forms32):
             if form.reads_output:
                 flush()
-                segments.append(("seq", form.cast(device, dtype), slot.lora))
+                segments.append(OutputReading(form.cast(device, dtype), slot.lora))
             else:
                 run.append((form, slot.lora))
         flush()
         bias = None
-        if any(s[0] == "seq" for s in segments) and getattr(self.module, "bias", None) is not None:
+        if any(isinstance(s, OutputReading) for s in segments) and getattr(self.module, "bias", None) is not None:
             bias = read_bias(self.module, device, dtype)
         return _Built(tuple(segments), bias)
 
     def _add_forms(self, built: _Built, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks],
-                   off: FrozenSet[int] = frozenset()) -> None:
+                   off: FrozenSet[int]) -> None:
         if not self.linear:
             xc = x if x.dtype == out.dtype else x.to(out.dtype)
-            for _, form, lora in built.segments:
-                if lora not in off:
-                    out.narrow(1, form.start, form.length).add_(form.contribution(xc))
+            for segment in built.segments:
+                if segment.lora not in off:
+                    segment.form.add_(xc, out)
             return
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != out.dtype:
             x2 = x2.to(out.dtype)
         out2 = out.view(-1, out.shape[-1])
-        if masks is not None and any(s[0] == "seq" for s in built.segments):
+        if masks is not None and any(isinstance(s, OutputReading) for s in built.segments):
             return self._add_forms_tracked(built, x2, out2, masks, off)
         for segment in built.segments:
-            if segment[0] == "add":
-                if segment[1] is not None:
-                    segment[1].add_(x2, out2, masks, off)
-                for form, lora in segment[2]:
-                    if lora in off:
-                        continue
-                    rows, mask = out2.narrow(1, form.start, form.length), masks(lora) if masks is not None else None
-                    if hasattr(form, "add_into"):
-                        form.add_into(x2, rows, mask)
-                    else:
-                        _add_masked(rows, form.contribution(x2, None), mask)
-            elif segment[2] not in off:
-                form = segment[1]
+            if isinstance(segment, Additive):
+                if segment.grouped is not None:
+                    segment.grouped.add_(x2, out2, masks, off)
+                for form, lora in segment.forms:
+                    if lora not in off:
+                        form.add_(x2, out2.narrow(1, form.start, form.length), masks(lora) if masks else None)
+            elif segment.lora not in off:
+                form = segment.form
                 bias = built.bias.narrow(0, form.start, form.length) if built.bias is not None else None
-                rows = out2.narrow(1, form.start, form.length)
-                if hasattr(form, "update_"):
-                    form.update_(x2, rows, bias)
-                else:
-                    y = rows - bias if bias is not None else rows.clone()
-                    rows.add_(form.contribution(x2, y))
+                form.update_(x2, out2.narrow(1, form.start, form.length), bias)
 
-    def _add_forms_tracked(self, built: _Built, x2, out2, masks: LoraMasks, off: FrozenSet[int] = frozenset()) -> None:
+    def _add_forms_tracked(self, built: _Built, x2, out2, masks: LoraMasks, off: FrozenSet[int]) -> None:
         """Masks with forms that read the output: those read y = W'x unmasked, tracked beside out."""
         y = out2 - built.bias if built.bias is not None else out2.clone()
         for segment in built.segments:
-            if segment[0] == "add":
-                if segment[1] is not None:
-                    segment[1].add_(x2, y, None, off)
-                    segment[1].add_(x2, out2, masks, off)
-                pairs = segment[2]
+            if isinstance(segment, Additive):
+                if segment.grouped is not None:
+                    segment.grouped.add_(x2, y, None, off)
+                    segment.grouped.add_(x2, out2, masks, off)
+                pairs = segment.forms
             else:
-                pairs = ((segment[1], segment[2]),)
+                pairs = (segment,)
             for form, lora in pairs:
                 if lora in off:
                     continue
                 rows = y.narrow(1, form.start, form.length)
                 d = form.contribution(x2, rows)
                 rows.add_(d)
-                _add_masked(out2.narrow(1, form.start, form.length), d, masks(lora))
+                add_masked(out2.narrow(1, form.start, form.length), d, masks(lora))
 
-    def _add_transient(self, group: Tuple[AdapterSlot, ...], x: torch.Tensor, out: torch.Tensor,
-                       masks: Optional[LoraMasks]) -> None:
-        """Deltas from ComfyUI's merge code, in fp32, formed inside this forward and dropped.
-
-        Adapters whose delta does not depend on the weight are computed against zeros (the
-        weight is never read); otherwise against the dequantized weight, in load order.
-        """
+    def _add_transient(self, group: TransientGroup, x: torch.Tensor, out: torch.Tensor,
+                       masks: Optional[LoraMasks], off: FrozenSet[int]) -> None:
+        """Deltas from ComfyUI's merge code, in fp32, formed inside this forward and dropped; the
+        LoRAs that are off are left out, as if they had never been loaded."""
         import comfy.lora  # the real merge code is the reference for these adapter types
 
-        if any(weight_dependent(s.adapter) for s in group):
+        slots = tuple(s for s in group.slots if s.lora not in off)
+        if not slots:
+            return
+        if group.reads_weight:
             current = read(self.module, out.device, torch.float32)[0]
+            prefix = [s for s in group.prefix if s.lora not in off]
+            if prefix:  # W' before the group: what the factored adapters before it add, merged here
+                current = _merge(prefix, current.clone())
         else:
             current = torch.zeros(self.shape, device=out.device, dtype=torch.float32)
-        steps = [group] if masks is None else [(s,) for s in group]
+        steps = [slots] if masks is None else [(s,) for s in slots]
         xc = x if x.dtype == out.dtype else x.to(out.dtype)
         for step in steps:
-            patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in step]
-            patched = comfy.lora.calculate_weight(patches, current.clone(), step[0].target.weight_key,
-                                                  intermediate_dtype=torch.float32)
+            patched = _merge(step, current.clone())
             delta, current = (patched.to(torch.float32) - current).to(out.dtype), patched
-            if delta.dim() != 2:
-                term = _conv(self.module, xc, delta)
-            else:
-                term = F.linear(xc, delta)
+            term = _conv(self.module, xc, delta) if delta.dim() != 2 else F.linear(xc, delta)
             m = masks(step[0].lora) if masks is not None and len(step) == 1 else None
             if m is not None and term.dim() == out.dim() and delta.dim() == 2:
                 term = term.reshape(-1, term.shape[-1]).mul_(m).view(out.shape)
@@ -540,11 +443,18 @@ class FusedBypassHook:
         return adapter.g(out + h)
 
 
-def _add_masked(rows: torch.Tensor, term: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    if mask is None:
-        rows.add_(term)
-    else:
-        rows.addcmul_(term, mask)
+def _reads_earlier(slot: AdapterSlot) -> bool:
+    """Does this slot read what the adapters before it did (W', or the output so far)?"""
+    d = slot.decision
+    return d.reads_weight or (d.fate == FACTORED and d.form is not None and d.form.reads_output)
+
+
+def _merge(slots: Sequence[AdapterSlot], weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` patched by ``slots`` in order, by ComfyUI's merge code, in fp32."""
+    import comfy.lora
+
+    patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in slots]
+    return comfy.lora.calculate_weight(patches, weight, slots[0].target.weight_key, intermediate_dtype=torch.float32)
 
 
 def _columns32(weight: torch.Tensor) -> Callable[[int, int], torch.Tensor]:

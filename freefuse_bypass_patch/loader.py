@@ -8,21 +8,25 @@ Differences from stock ComfyUI:
   over (kept as an immutable tuple in a patcher attachment), so a second loader adds to
   the first instead of replacing it; the input patcher is never changed; each LoRA keeps
   its chain position and a name (:mod:`.names`, for token masks and the LoRA switch);
-* one summary line; every adapter that is not applied is named in it;
+* what each adapter becomes is decided here, once (:mod:`.slots`): factored, transient,
+  merged (handed to ``add_patches``, as merged does) or refused; one summary line gives every
+  adapter's fate, naming the transient, merged and refused ones with why;
 * one bad key is logged and skipped; the rest of the LoRA still loads.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .hooks import AdapterSlot, UnreadableWeight, check_slot
 from .keys import BypassKeyError, Target, parse_target
 from .manager import FusedBypassManager
 from .names import NAMES_ATTACHMENT, bypass_loras, next_name
+from .slots import FACTORED, MERGED, REFUSED, TRANSIENT, AdapterSlot, Decision, decided
 from .weights import logical_shape
 
 log = logging.getLogger(__name__)
@@ -75,51 +79,68 @@ def _owner(root: torch.nn.Module, target: Target, tensor: torch.Tensor):
     return module if getattr(module, "weight", None) is tensor else None
 
 
-def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float,
-                errors: List[str], refused: List[str]) -> set:
-    """Put the adapters that target ``root``'s weights on ``patcher`` as bypass hooks.
+@dataclass
+class LoadReport:
+    """What one loader call did with each adapter, for its log lines and ``check --lora``."""
 
-    Returns the load_lora keys that matched. Keys that do not fit go to ``errors``, those
-    that need a weight this plugin cannot read to ``refused``. ``patcher`` must be a fresh clone.
+    decisions: Dict[Any, Decision] = field(default_factory=dict)  # load_lora key -> fate
+    errors: List[str] = field(default_factory=list)  # malformed keys
+
+    def counts(self) -> Dict[str, int]:
+        return dict(collections.Counter(d.fate for d in self.decisions.values()))
+
+
+def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report: LoadReport) -> set:
+    """Put the adapters that target ``root``'s weights on ``patcher``: the factored and transient
+    ones as bypass hooks, the merged ones through ``add_patches``; each decision goes to ``report``.
+
+    Returns the load_lora keys that were applied. ``patcher`` must be a fresh clone.
     """
-    matched = set()
+    applied = set()
     earlier = previous_slots(patcher)
     if not adapters and not earlier:
-        return matched
-    tensors = model_tensors(root) if adapters else {}
+        return applied
+    tensors = model_tensors(root)
     names = tuple(bypass_loras(patcher)) or (("lora_0",) if earlier else ())
     name = next_name(names)  # raises before anything changes if the caller's name is taken
-    new_slots = []
+    earlier = tuple(_decide(root, tensors, slot) for slot in earlier)  # the 0.14.1 fork's were not decided
+    new_slots, merged = [], {}
     for key, adapter in adapters.items():
         try:
             target = parse_target(key)
         except BypassKeyError as err:
-            errors.append(str(err))
+            report.errors.append(str(err))
             continue
-        tensor = tensors.get(target.weight_key)
-        if tensor is None:
+        if target.weight_key not in tensors:
+            continue  # another model's key (the text encoder's, say)
+        slot = _decide(root, tensors, AdapterSlot(key, target, adapter, float(strength), lora=len(names)))
+        report.decisions[key] = slot.decision
+        if slot.decision.fate == REFUSED:
             continue
-        slot = AdapterSlot(key, target, adapter, float(strength), lora=len(names))
-        try:
-            check_slot(slot, logical_shape(tensor), _owner(root, target, tensor))
-        except UnreadableWeight as err:
-            refused.append(str(err))
+        applied.add(key)
+        if slot.decision.fate == MERGED:
+            merged[key] = adapter
             continue
-        except BypassKeyError as err:
-            errors.append(str(err))
-            continue
-        matched.add(key)
         if not _finite(adapter):
             log.warning("[freefuse_bypass_patch] LoRA key %r has NaN or inf factors; applied as given", key)
         if strength != 0:
             new_slots.append(slot)
+    if merged:
+        patcher.add_patches(merged, strength)
     slots = earlier + tuple(new_slots)
-    if matched:
+    if applied:
         patcher.set_attachments(NAMES_ATTACHMENT, names + (name,))
     if new_slots or earlier:
         patcher.set_attachments(SLOTS_ATTACHMENT, slots)
         patcher.set_injections(INJECTION_KEY, FusedBypassManager(slots).create_injections(root))
-    return matched
+    return applied
+
+
+def _decide(root, tensors: Dict[str, torch.Tensor], slot: AdapterSlot) -> AdapterSlot:
+    tensor = tensors.get(slot.target.weight_key)
+    if tensor is None:  # an earlier slot whose weight this model does not have: the manager says so
+        return slot
+    return decided(slot, _owner(root, slot.target, tensor), logical_shape(tensor))
 
 
 def _finite(adapter) -> bool:
@@ -145,36 +166,40 @@ def load_bypass_lora_for_models(model, clip, lora, strength_model, strength_clip
     adapters = {k: v for k, v in loaded.items() if isinstance(v, WeightAdapterBase)}
     regular = {k: v for k, v in loaded.items() if k not in adapters}
     applied: set = set()
-    errors: List[str] = []
-    refused: List[str] = []
+    report = LoadReport()
 
     new_model = None
     if model is not None:
         new_model = model.clone()
         if regular:
             applied.update(new_model.add_patches(regular, strength_model))
-        applied |= bypass_into(new_model, new_model.model, adapters, strength_model, errors, refused)
+        applied |= bypass_into(new_model, new_model.model, adapters, strength_model, report)
 
     new_clip = None
     if clip is not None:
         new_clip = clip.clone()
         if regular:
             applied.update(new_clip.add_patches(regular, strength_clip))
-        applied |= bypass_into(new_clip.patcher, new_clip.cond_stage_model, adapters, strength_clip, errors,
-                               refused)
+        applied |= bypass_into(new_clip.patcher, new_clip.cond_stage_model, adapters, strength_clip, report)
 
-    _report(len(lora), loaded, adapters, applied, errors, refused)
+    _log_report(len(lora), loaded, adapters, applied, report)
     return new_model, new_clip
 
 
-def _report(n_tensors, loaded, adapters, applied, errors, refused) -> None:
-    """One line per misfit key (ERROR), then one summary line: WARNING when anything was not
-    applied, naming it (and, for adapters refused because their weight cannot be read, why)."""
-    for err in errors:
+def _log_report(n_tensors, loaded, adapters, applied, report: LoadReport) -> None:
+    """Each malformed or misfit key at ERROR; then one summary line with every adapter's fate:
+    INFO when everything applied, WARNING naming what did not (and why, for an adapter whose
+    weight cannot be read)."""
+    for err in report.errors:
         log.error("[freefuse_bypass_patch] %s; adapter skipped", err)
-    why = "; refused: %s" % "; ".join(refused) if refused else ""
+    refusals = [d for d in report.decisions.values() if d.fate == REFUSED]
+    for decision in refusals:
+        if not decision.unreadable:
+            log.error("[freefuse_bypass_patch] %s; adapter skipped", decision.reason)
+    unreadable = [d.reason for d in refusals if d.unreadable]  # this model's storage: said once, below
+    why = "; refused: %s" % "; ".join(unreadable) if unreadable else ""
     if not applied:
-        if refused:
+        if refusals:
             log.warning("[freefuse_bypass_patch] bypass LoRA: nothing applied%s", why)
         elif n_tensors:
             log.warning("[freefuse_bypass_patch] bypass LoRA: 0 of %d keys matched this model "
@@ -182,14 +207,33 @@ def _report(n_tensors, loaded, adapters, applied, errors, refused) -> None:
         else:
             log.warning("[freefuse_bypass_patch] bypass LoRA is empty: nothing to apply")
         return
-    bypassed = [k for k in adapters if k in applied]
+    bypassed = [k for k in adapters if k in applied and report.decisions[k].fate != MERGED]
     fused = sum(1 for k in bypassed if isinstance(k, tuple) and len(k) > 1 and k[1] is not None)
     funcs = sum(1 for k in bypassed if isinstance(k, tuple) and len(k) > 2)
     missing = [k for k in loaded if k not in applied]
     line = ("[freefuse_bypass_patch] bypass LoRA: %d adapters in bypass (%d on fused slices, "
-            "%d with a diff function), %d regular patches" % (
-                len(bypassed), fused, funcs, len(applied) - len(bypassed)))
+            "%d with a diff function), %d regular patches; %s" % (
+                len(bypassed), fused, funcs, len(applied) - len(bypassed), _fates(report)))
     if missing:
         log.warning("%s; NOT applied (%d): %s%s", line, len(missing), ", ".join(map(str, missing)), why)
     else:
         log.info(line)
+
+
+def _fates(report: LoadReport) -> str:
+    """``48 factored, 1 transient (key: why), 1 merged (key: why)``: each adapter's fate."""
+    counts = report.counts()
+    parts = ["%d factored" % counts.get(FACTORED, 0)]
+    for fate in (TRANSIENT, MERGED):
+        named = ["%s: %s" % (_short(k), d.reason) for k, d in report.decisions.items() if d.fate == fate]
+        if named:
+            parts.append("%d %s (%s)" % (len(named), fate, "; ".join(named)))
+    return ", ".join(parts)
+
+
+def _short(key) -> str:
+    """A load_lora key as the summary names it: the weight, and its slice or function."""
+    try:
+        return parse_target(key).describe().replace("diffusion_model.", "", 1)
+    except BypassKeyError:
+        return str(key)

@@ -2,20 +2,25 @@
 
 It is what ``comfy.weight_adapter.bypass.BypassInjectionManager`` should be: it accepts
 all three ``load_lora`` key forms, keeps any number of adapters per module, and builds one
-:class:`~freefuse_bypass_patch.hooks.FusedBypassHook` per module. It imports nothing from
-the bypass module, so it also runs on ComfyUI versions that predate bypass mode.
+:class:`~freefuse_bypass_patch.hooks.FusedBypassHook` per module. Adapters added here
+directly (ComfyUI's trainer, other plugins) are decided by :mod:`.slots` when the hooks are
+made, each fate logged once; there is no patcher to merge into, so what only merging could
+apply is refused. It imports nothing from the bypass module, so it also runs on ComfyUI
+versions that predate bypass mode.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-from .hooks import AdapterSlot, FusedBypassHook, UnreadableWeight, check_slot
+from .hooks import FusedBypassHook
 from .keys import Offset, parse_target
 from .regional import ForwardState
+from .slots import REFUSED, TRANSIENT, AdapterSlot, decided
 from .weights import logical_shape
 
 log = logging.getLogger(__name__)
@@ -24,8 +29,9 @@ log = logging.getLogger(__name__)
 class FusedBypassManager:
     """Adapters keyed by target; ``create_injections`` gives one injection for all of them."""
 
-    def __init__(self, slots: Iterable[AdapterSlot] = ()):
+    def __init__(self, slots: Iterable[AdapterSlot] = (), layout: str = "auto"):
         self.slots: List[AdapterSlot] = list(slots)
+        self.layout = layout  # grouped up-projections (hooks.LAYOUTS): the tests and benchmarks choose
         self.hooks: List[FusedBypassHook] = []
 
     def add_adapter(self, key: Any, adapter: Any, strength: float = 1.0,
@@ -45,8 +51,8 @@ class FusedBypassManager:
         return grouped
 
     def create_hooks(self, model: torch.nn.Module) -> List[FusedBypassHook]:
-        """One hook per module; slots whose module is missing or misfit are logged and left out."""
-        hooks = []
+        """One hook per module; slots whose module is missing, or that are refused, are logged and left out."""
+        hooks, transient = [], collections.Counter()
         for path, slots in self.by_module().items():
             try:
                 module = model.get_submodule(path)
@@ -61,15 +67,19 @@ class FusedBypassManager:
                 continue
             fitting = []
             for slot in slots:
-                try:
-                    check_slot(slot, logical_shape(weight), module)
-                    fitting.append(slot)
-                except UnreadableWeight as err:
-                    log.warning("[freefuse_bypass_patch] %s; adapter refused", err)
-                except ValueError as err:
-                    log.error("[freefuse_bypass_patch] %s; adapter not applied", err)
+                slot = decided(slot, module, logical_shape(weight), can_merge=False)
+                if slot.decision.fate == REFUSED:
+                    level = logging.WARNING if slot.decision.unreadable else logging.ERROR
+                    log.log(level, "[freefuse_bypass_patch] %s; adapter not applied", slot.decision.reason)
+                    continue
+                if slot.decision.fate == TRANSIENT:
+                    transient[slot.decision.reason] += 1
+                fitting.append(slot)
             if fitting:
-                hooks.append(FusedBypassHook(module, path, fitting))
+                hooks.append(FusedBypassHook(module, path, fitting, layout=self.layout))
+        if transient:
+            log.info("[freefuse_bypass_patch] %d adapter(s) as a transient merge-code delta per forward: %s",
+                     sum(transient.values()), ", ".join("%s: %d" % kv for kv in transient.items()))
         self.hooks = hooks
         return hooks
 
@@ -81,7 +91,7 @@ class FusedBypassManager:
 
         hooks = self.create_hooks(model)
         state = ForwardState()
-        for hook in hooks:
+        for hook in hooks:  # each hook gets the source of its per-forward state (masks, switch)
             hook.mask_source = state.source
         handles: list = []
 
@@ -98,6 +108,3 @@ class FusedBypassManager:
                 handles.pop().remove()
 
         return [PatcherInjection(inject=inject, eject=eject)]
-
-    def get_hook_count(self) -> int:
-        return len(self.hooks)

@@ -10,7 +10,7 @@ module, on whole weights (ComfyUI's trainer).
 
 from __future__ import annotations
 
-from .hooks import is_trainable
+from .slots import is_trainable
 from .loader import load_bypass_lora_for_models as _load_bypass_lora
 from .manager import FusedBypassManager
 

@@ -11,7 +11,7 @@ import torch
 
 import comfy.sd
 
-from freefuse_bypass_patch import forms
+from freefuse_bypass_patch import conv_forms, forms
 from freefuse_bypass_patch import kit as sc
 from support import REL_TOL
 
@@ -49,7 +49,7 @@ def _variant_lora(model, variant, convention, seed, limit=8):
 def _hook_classes(manager):
     """The form classes the hooks chose, and how many adapters fell back to a transient delta."""
     return ([cls for hook in manager.hooks for _, cls in hook.form_slots],
-            sum(len(group) for hook in manager.hooks for group in hook.transient_groups))
+            sum(len(group.slots) for hook in manager.hooks for group in hook.transient_groups))
 
 
 def _compare(base, inputs, chain_):
@@ -174,7 +174,7 @@ def test_conv_forms_match_merged(kind):
     assert sc.max_rel_diff(merged, sc.forward(base, inputs)) > 10 * REL_TOL
     assert sc.max_rel_diff(sc.forward(patcher, inputs), merged) <= REL_TOL
     classes, transient = _hook_classes(manager)
-    expected = {"locon": forms.ConvLoRAForm, "locon-tucker": forms.ConvLoRAForm, "lokr": forms.ConvLoKrForm,
+    expected = {"locon": conv_forms.ConvLoRAForm, "locon-tucker": conv_forms.ConvLoRAForm, "lokr": conv_forms.ConvLoKrForm,
 }.get(kind)
     assert classes == ([expected] if expected else []) and transient == (0 if expected else 1)
 
@@ -207,5 +207,5 @@ def test_boft_composite_blocks_and_stage_by_stage_agree_with_merged(max_group, m
     lora = _variant_lora(base.model, "boft", "onetrainer", seed=160)
     rel, _, manager = _compare(base, inputs, [(lora, 0.6)])
     assert rel <= REL_TOL
-    built = [seg[1] for h in manager.hooks for seg in h._build(torch.device("cpu"), torch.float32, False).segments]
+    built = [seg.form for h in manager.hooks for seg in h._build(torch.device("cpu"), torch.float32, False).segments]
     assert built and all((f.blocks is not None) == (max_group == 512) for f in built)

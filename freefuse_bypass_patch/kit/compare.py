@@ -35,7 +35,7 @@ def apply_model(patcher, inputs) -> torch.Tensor:
         return patcher.model.apply_model(inputs["x"], inputs["t"], **rest)
 
 
-def manager_bypass(base, loras: Iterable[Tuple[Dict[str, torch.Tensor], float]]):
+def manager_bypass(base, loras: Iterable[Tuple[Dict[str, torch.Tensor], float]], layout: str = "auto"):
     """A clone of ``base`` with the plugin's manager applied directly to load_lora's output.
 
     No bypass loader needed, so this works on ComfyUI versions that predate bypass mode.
@@ -47,13 +47,25 @@ def manager_bypass(base, loras: Iterable[Tuple[Dict[str, torch.Tensor], float]])
     from ..manager import FusedBypassManager
 
     key_map = comfy.lora.model_lora_keys_unet(base.model, {})
-    manager = FusedBypassManager()
+    manager = FusedBypassManager(layout=layout)
     for lora, strength in loras:
         for key, adapter in comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(lora)), key_map).items():
             manager.add_adapter(key, adapter, strength)
     patcher = base.clone()
     patcher.set_injections("bypass_lora", manager.create_injections(patcher.model))
     return patcher, manager
+
+
+def with_layout(patcher, layout: str):
+    """A clone of a patcher loaded in bypass mode whose hooks use ``layout`` for their grouped
+    up-projections (``hooks.LAYOUTS``): the loader always uses "auto"."""
+    from ..loader import INJECTION_KEY, SLOTS_ATTACHMENT
+    from ..manager import FusedBypassManager
+
+    clone = patcher.clone()
+    slots = clone.attachments[SLOTS_ATTACHMENT]
+    clone.set_injections(INJECTION_KEY, FusedBypassManager(slots, layout=layout).create_injections(clone.model))
+    return clone
 
 
 class LogCapture(logging.Handler):

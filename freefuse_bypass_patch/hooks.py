@@ -238,6 +238,8 @@ class FusedBypassHook:
         additive = tuple(s for s in before if s.decision.fate == TRANSIENT)  # nothing after reads them
         self.transient_groups = ((TransientGroup((), additive, False),) if additive else ()) + (
             (TransientGroup(before, after, any(weight_dependent(s.adapter) for s in after)),) if after else ())
+        # adapters with a form that run through the merge code here, after a transient one in load order
+        self.demoted = tuple(s for s in after if s.decision.fate == FACTORED)
         # LoRAs whose forms come before a form that reads W': switching one off changes what it read
         readers = [i for i, (_, cls) in enumerate(self.form_slots) if cls.needs_weight]
         self._read_by_later = frozenset(s.lora for s, _ in self.form_slots[:readers[-1]]) if readers else frozenset()

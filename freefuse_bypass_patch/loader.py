@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -32,6 +32,7 @@ from .weights import logical_shape
 log = logging.getLogger(__name__)
 
 SLOTS_ATTACHMENT = "freefuse_bypass_lora"  # tuple[AdapterSlot, ...] on a patcher
+REPORT_ATTACHMENT = "freefuse_bypass_load_report"  # LoadReport of the last bypass load onto a patcher
 INJECTION_KEY = "bypass_lora"  # the key stock ComfyUI uses; ours replaces it
 FORK_MANAGER_ATTACHMENT = "bypass_lora_manager"  # the 0.14.1 fork keeps its manager here
 
@@ -132,7 +133,13 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
         patcher.set_attachments(NAMES_ATTACHMENT, names + (name,))
     if new_slots or earlier:
         patcher.set_attachments(SLOTS_ATTACHMENT, slots)
-        patcher.set_injections(INJECTION_KEY, FusedBypassManager(slots).create_injections(root))
+        manager = FusedBypassManager(slots)
+        patcher.set_injections(INJECTION_KEY, manager.create_injections(root))
+        for hook in manager.hooks:  # a form after a transient adapter that it reads runs in the merge code
+            for slot in hook.demoted:
+                if slot.key in report.decisions and slot.lora == len(names):
+                    report.decisions[slot.key] = replace(slot.decision, fate=TRANSIENT, form=None, reason=(
+                        "after a transient adapter of its module that it reads, in load order"))
     return applied
 
 
@@ -183,6 +190,9 @@ def load_bypass_lora_for_models(model, clip, lora, strength_model, strength_clip
         applied |= bypass_into(new_clip.patcher, new_clip.cond_stage_model, adapters, strength_clip, report)
 
     _log_report(len(lora), loaded, adapters, applied, report)
+    for patcher in (new_model, getattr(new_clip, "patcher", None)):
+        if patcher is not None:  # what this load decided, for check --lora and other tools
+            patcher.set_attachments(REPORT_ATTACHMENT, report)
     return new_model, new_clip
 
 

@@ -290,3 +290,42 @@ def test_memory_contract_in_both_layouts_rank_32_four_slices(layout):
             assert 0 < hook.held_bytes() <= 2 * factors, (hook.module_path, hook.held_bytes(), factors)
     finally:
         mm.unload_all_models()
+
+
+@bypass_era
+def test_dry_run_prints_the_decisions_the_load_takes():
+    """check --lora on a file with every fate: its decisions are what the hooks and patches of a
+    real load hold (factored forms, transient groups, add_patches), the rest refused."""
+    from freefuse_bypass_patch.kit.dryrun import dry_run
+    from freefuse_bypass_patch.loader import INJECTION_KEY
+
+    base = sc.tiny_flux()
+    gen = torch.Generator().manual_seed(14)
+    model = base.model.diffusion_model
+    parts = {"double_blocks.0.img_attn.proj": "lora", "double_blocks.0.img_mlp.0": "loha",
+             "double_blocks.0.img_mlp.2": "dora_in", "double_blocks.1.img_attn.proj": "boft-no-alpha"}
+    lora = {}
+    for path, kind in parts.items():
+        rows, cols = model.get_submodule(path).weight.shape
+        factors = _unappliable(kind, rows, cols, gen) if kind == "boft-no-alpha" else sc.adapter_factors(kind, rows, cols,
+                                                                                                        gen)
+        lora.update({"diffusion_model.%s.%s" % (path, k): v for k, v in factors.items()})  # native names
+    lora.update({"lora_unet_img_in.lora_up.weight": _r(gen, 64, 4), "lora_unet_img_in.lora_down.weight": _r(gen, 4, 128),
+                 "lora_unet_img_in.reshape_weight": torch.tensor([64, 128])})
+    run = dry_run(base, lora)
+    printed = {d.module: d.how for d in run.adapters}
+    assert printed == {"double_blocks.0.img_attn.proj": "factored", "double_blocks.0.img_mlp.0": "factored",
+                       "double_blocks.0.img_mlp.2": "transient", "double_blocks.1.img_attn.proj": "refused",
+                       "img_in": "merged"}, printed
+
+    with sc.LogCapture():
+        loaded = comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)[0]
+    hooks = FusedBypassManager(loaded.attachments["freefuse_bypass_lora"]).create_hooks(loaded.model)
+    held = {}
+    for hook in hooks:
+        module = hook.module_path.replace("diffusion_model.", "", 1)
+        held.update({module: "factored" for _ in hook.form_slots})
+        held.update({module: "transient" for group in hook.transient_groups for _ in group.slots})
+    held.update({k.replace("diffusion_model.", "", 1)[: -len(".weight")]: "merged" for k in loaded.patches})
+    assert {m: h for m, h in printed.items() if h != "refused"} == held
+    assert INJECTION_KEY in loaded.injections

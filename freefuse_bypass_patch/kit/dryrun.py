@@ -8,10 +8,11 @@ pooled-vector widths from its ``txt_in``/``vector_in`` factors; ``--model-config
 any field. Other families keep the kit's tiny config unless ``--model-config`` gives sizes.
 
 Then the LoRA is loaded the way ComfyUI would load it: through ``comfy.sd``'s (patched)
-``load_bypass_lora_for_models``, and the injection it sets is run as ``patch_model`` runs it.
-What the hooks hold is the plugin's decision per adapter: factored form, transient delta
-from ComfyUI's merge code, or refused (with the logged reason); regular patches go to
-``add_patches`` as merged. Prediction and load are the same code, so they cannot disagree.
+``load_bypass_lora_for_models``, and what that load decided for each adapter is read from
+the report it leaves on the patcher (:mod:`..slots`' table: factored form, transient delta
+from ComfyUI's merge code, merged through ``add_patches``, or refused, with why); regular
+patches go to ``add_patches`` as merged. Prediction and load are the same code, so they
+cannot disagree.
 """
 
 from __future__ import annotations
@@ -152,10 +153,10 @@ def load_model_config(text: Optional[str]) -> dict:
 
 
 def dry_run(patcher, lora: Dict[str, torch.Tensor]) -> DryRun:
-    """Load ``lora`` in bypass mode on ``patcher`` as ComfyUI would and report every decision.
+    """Load ``lora`` in bypass mode on ``patcher`` as ComfyUI would and report every decision:
+    the load's own table (``loader.REPORT_ATTACHMENT``, from :mod:`..slots`), adapter by adapter.
 
-    ``patcher`` is left as it was: the load returns a clone, and the hooks its injection
-    attaches are detached again.
+    ``patcher`` is left as it was: the load returns a clone (its hooks are never attached).
     """
     import comfy.lora
     import comfy.lora_convert
@@ -163,7 +164,6 @@ def dry_run(patcher, lora: Dict[str, torch.Tensor]) -> DryRun:
     from comfy.weight_adapter import WeightAdapterBase
 
     from .. import loader
-    from ..hooks import ACTIVE_HOOK_ATTR
     from ..patching import is_patched
 
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
@@ -180,23 +180,8 @@ def dry_run(patcher, lora: Dict[str, torch.Tensor]) -> DryRun:
             loaded_patcher = load(patcher, None, lora, 1.0, 0)[0]
     finally:
         root.handlers = handlers
-    hooks = []
-    injections = loaded_patcher.injections.get(loader.INJECTION_KEY, [])
-    try:
-        for injection in injections:  # as ModelPatcher.patch_model runs them
-            injection.inject(loaded_patcher)
-        hooks = [m.__dict__[ACTIVE_HOOK_ATTR] for m in patcher.model.modules() if ACTIVE_HOOK_ATTR in m.__dict__]
-    finally:
-        for injection in injections:
-            injection.eject(loaded_patcher)
-
-    decided: Dict[Any, Tuple[str, str]] = {}
-    for hook in hooks:
-        for slot, cls in hook.form_slots:
-            decided[slot.key] = ("factored", cls.__name__[: -len("Form")])
-        for group in hook.transient_groups:
-            for slot in group:
-                decided[slot.key] = ("transient", "")
+    report = (getattr(loaded_patcher, "attachments", None) or {}).get(loader.REPORT_ATTACHMENT)
+    table = report.decisions if report is not None else {}  # the load's own decisions (slots.py)
     adapters = {k: v for k, v in loaded.items() if isinstance(v, WeightAdapterBase)}
     weight_keys = set(patcher.model.state_dict())
     decisions = []
@@ -208,15 +193,17 @@ def dry_run(patcher, lora: Dict[str, torch.Tensor]) -> DryRun:
             decisions.append(Decision(key, module, where, kind, "merged" if applied else "refused",
                                       "" if applied else "add_patches did not take it", regular=True))
             continue
-        kind = _adapter_kind(patch)
-        if key in decided:
-            how, form = decided[key]
-            decisions.append(Decision(key, module, where, form or kind, how))
-        else:
+        kind, decided = _adapter_kind(patch), table.get(key)
+        if decided is None:
             weight_key = key if isinstance(key, str) else key[0]
             why = _reason(load_logs, key) or ("no weight %s in this model" % weight_key
                                               if weight_key not in weight_keys else "not applied (no reason logged)")
             decisions.append(Decision(key, module, where, kind, "refused", why))
+        elif decided.fate == "factored" and decided.form is not None:
+            decisions.append(Decision(key, module, where, decided.form.__name__.replace("Form", ""), "factored"))
+        else:
+            decisions.append(Decision(key, module, where, kind, decided.fate,
+                                      "" if decided.fate == "factored" else decided.reason))
     return DryRun(tensors=len(lora), patches=len(loaded), forms=key_forms(loaded),
                   not_matched=logs.count("lora key not loaded"),
                   adapter_types=dict(collections.Counter(type(a).__name__ for a in adapters.values())),
@@ -287,12 +274,14 @@ def print_dry_run(name: str, family: str, run: DryRun, version: str, capabilitie
         print("stock bypass: applies the slices but ignores %d diff function(s)" % functions)
     else:
         print("stock bypass: drops %d adapter(s) (every fused-slice or diff-function key)" % tuple_keys)
-    factored = collections.Counter(d.kind for d in run.decisions if d.how == "factored")
-    applied = run.count("factored") + run.count("transient")
+    factored = collections.Counter(d.kind for d in run.decisions if d.how == "factored" and not d.regular)
+    merged = run.count("merged")
+    applied = run.count("factored") + run.count("transient") + merged
     print("plugin: applies %d of %d adapter(s) on %d module(s): %d in factored form (%s), %d as a transient delta "
-          "from ComfyUI's merge code; refused %d" % (applied, len(run.adapters), run.modules, run.count("factored"),
-                                                     ", ".join("%s %d" % kv for kv in sorted(factored.items()))
-                                                     or "none", run.count("transient"), run.count("refused")))
+          "from ComfyUI's merge code%s; refused %d"
+          % (applied, len(run.adapters), run.modules, run.count("factored"),
+             ", ".join("%s %d" % kv for kv in sorted(factored.items())) or "none", run.count("transient"),
+             ", %d merged through add_patches" % merged if merged else "", run.count("refused")))
     if not per_module:
         return
     print("per module (%s; [rows] of a fused weight, (fn) a diff function):" % run.loader)
@@ -302,9 +291,9 @@ def print_dry_run(name: str, family: str, run: DryRun, version: str, capabilitie
     for module, decisions in by_module.items():
         print("  %s: %s" % (module, ", ".join(("%s%s %s" % (d.kind, " " + d.where if d.where else "", d.how))
                                               for d in decisions)))
-    for d in run.decisions:
-        if d.how == "refused":
-            print("REFUSED %s%s: %s" % (d.module, " " + d.where if d.where else "", d.why))
+    for d in run.adapters:  # why, for every adapter that is not a factored form
+        if d.how != "factored":
+            print("%s %s%s: %s" % (d.how.upper(), d.module, " " + d.where if d.where else "", d.why))
 
 
 def _natural(text: str):

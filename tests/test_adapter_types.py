@@ -1,7 +1,9 @@
 """Every adapter type ComfyUI loads, on whole weights and on fused slices: bypass == merged.
 
-Plain LoRA goes through the grouped path; everything else (DoRA, LoCon mid, LoHa, LoKr,
-OFT, diff functions) through ComfyUI's own calculate_weight, applied as a delta. Runs on
+Each adapter takes the fate the load decides for it (freefuse_bypass_patch/slots.py): plain
+LoRA in the grouped low-rank path, DoRA, LoHa, LoKr, OFT, BOFT and GLoRA in their factored
+forms on Linear, and only what has no factored form (diff functions, Tucker LoHa/LoKr, most
+convs) as a transient delta from ComfyUI's own calculate_weight. Runs on
 every pinned tree: through the stock loader where bypass mode exists, and through the
 plugin's manager directly on 0.3.75.
 """

@@ -1,8 +1,9 @@
 """Per-LoRA token masks (masks.py) with two chained diffusers LoRAs, through the stock loader.
 
-The reference is an independent per-LoRA hook written here: for every adapter of LoRA i it
-adds m_i ⊙ s·(α/r)·up(down x) into its slice, with the token roles of the issue (double-block
-image modules masked, text modules not, single blocks: text unmasked then image masked).
+The reference is the independent per-LoRA hook of masked_reference.py: for every adapter of
+LoRA i it adds m_i ⊙ s·(α/r)·up(down x) into its slice, with the token roles of the issue
+(double-block image modules masked, text modules not, single blocks: text unmasked then image
+masked).
 """
 
 import re
@@ -10,17 +11,16 @@ import re
 import pytest
 import torch
 
-import comfy.lora
 import comfy.sd
 
 import freefuse_bypass_patch as ffbp
 from freefuse_bypass_patch import kit as sc
+from masked_reference import masked_reference
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
 
 IMAGE = 4 * 4  # tiny Flux: an 8x8 latent, patch 2 -> a 4x4 token grid
-TEXT = 5
 
 
 def _two_loras(base):
@@ -35,45 +35,11 @@ def _chain(base, a, b, sa=1.0, sb=0.8):
 
 
 def _reference(base, loras, inputs):
-    """Base model plus per-LoRA hooks that apply each adapter times its mask (None: unmasked)."""
-    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
-    model = base.model.diffusion_model
-    handles = []
-
-    def make(up, down, scale, offset, mask, role):
-        def hook(module, args, out):
-            x = args[0]
-            term = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up) * scale
-            if mask is not None and role is not None:
-                m = mask.reshape(-1, IMAGE).expand(x.shape[0], -1)
-                before = TEXT if role == "joint" else 0
-                ones = m.new_ones(x.shape[0], before)
-                m = torch.cat([ones, m, m.new_ones(x.shape[0], x.shape[1] - before - IMAGE)], dim=1)
-                term = term * m[:, :, None]
-            out = out.clone()
-            if offset is None:
-                out += term
-            else:
-                out[..., offset[1]:offset[1] + offset[2]] += term
-            return out
-        return hook
-
-    for sd, strength, mask in loras:
-        for key, adapter in comfy.lora.load_lora(dict(sd), key_map).items():
-            weight_key, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
-            if len(key) > 2 and isinstance(key, tuple) and key[2] is not None:
-                pytest.fail("the reference hook handles no diff function: %r" % (key,))
-            path = weight_key[: -len(".weight")].replace("diffusion_model.", "", 1)
-            up, down, alpha = adapter.weights[:3]
-            role = "image" if re.search(r"double_blocks\.\d+\.img_(attn|mlp)\.", path) else \
-                "joint" if re.search(r"single_blocks\.\d+\.linear[12]$", path) else None
-            scale = strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
-            handles.append(model.get_submodule(path).register_forward_hook(make(up, down, scale, offset, mask, role)))
-    try:
-        return sc.forward(base, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    """Base model plus the independent per-LoRA hooks of masked_reference.py, each adapter times
+    its flat image mask (None: unmasked); text tokens unmasked."""
+    return masked_reference("flux", base, inputs,
+                            [(sd, strength, None if mask is None else mask.reshape(-1, 4, 4), None)
+                             for sd, strength, mask in loras])
 
 
 def _no_function(sd):

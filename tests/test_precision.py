@@ -86,8 +86,9 @@ def _quant_formats():
 
 @pytest.mark.parametrize("fmt", ["float8_e4m3fn", "int8_tensorwise"])
 def test_quantized_tensor_weights(fmt, caplog):
-    """Weights held as ComfyUI QuantizedTensor: plain LoRA never reads them; DoRA's merge-code
-    delta dequantises them first (a QuantizedTensor's .to(float32) stays quantized)."""
+    """Weights held as ComfyUI QuantizedTensor: plain LoRA never reads them; DoRA's row norms
+    read W' through the module's cast path (weights.py), dequantised (a QuantizedTensor's
+    .to(float32) stays quantized)."""
     if fmt not in _quant_formats():
         pytest.skip("this ComfyUI has no %s QuantizedTensor storage" % fmt)
     quantized, reference = _quantized_flux(fmt)

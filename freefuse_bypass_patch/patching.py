@@ -67,7 +67,9 @@ def disabled_by_env() -> bool:
 
 
 def comfyui_version() -> str:
-    for name in ("comfyui_version", "comfy.comfyui_version", "comfy.cmd.comfyui_version"):
+    """The running ComfyUI's version: upstream's ``comfyui_version`` module, or the pip fork's
+    ``comfy.__version__`` (0.12.1 keeps it there), or the installed distribution's."""
+    for name in ("comfyui_version", "comfy.comfyui_version", "comfy.cmd.comfyui_version", "comfy"):
         mod = sys.modules.get(name)
         if mod is None:
             try:

@@ -204,26 +204,38 @@ def _probe_merge(slot: AdapterSlot, shape: Sequence[int]) -> Optional[str]:
     return error
 
 
-class _MergeErrors(logging.Filter):
-    """Collects (and holds back) what ComfyUI's merge code logs at ERROR on the root logger while
-    a probe runs: the caller reports the failure once, in its own words."""
+class _MergeErrors(logging.Handler):
+    """Collects (and holds back) what ComfyUI's merge code logs at ERROR while a probe runs: the
+    caller reports the failure once, in its own words. A handler on the root logger, with the root's
+    other handlers held back, sees the root's records and every module logger's (0.12.1's
+    ``weight_adapter`` modules log through ``getLogger(__name__)``; a filter on the root logger
+    itself would miss those)."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__(logging.ERROR)
         self.messages = []
+        self._held = ()
 
-    def filter(self, record):
-        if record.levelno >= logging.ERROR:
-            self.messages.append(record.getMessage())
-            return False
-        return True
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    @staticmethod
+    def _below_error(record):
+        return record.levelno < logging.ERROR
 
     def __enter__(self):
-        logging.getLogger().addFilter(self)
+        root = logging.getLogger()
+        self._held = tuple(root.handlers)
+        for handler in self._held:
+            handler.addFilter(self._below_error)
+        root.addHandler(self)
         return self.messages
 
     def __exit__(self, *exc):
-        logging.getLogger().removeFilter(self)
+        root = logging.getLogger()
+        root.removeHandler(self)
+        for handler in self._held:
+            handler.removeFilter(self._below_error)
 
 
 def _why_transient(slot: AdapterSlot, shape: Sequence[int], whole_rows: bool) -> str:

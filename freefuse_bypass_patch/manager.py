@@ -67,12 +67,13 @@ class FusedBypassManager:
                 continue
             fitting = []
             for slot in slots:
+                fresh = slot.decision is None  # a loader's slots were decided, and logged, at their load
                 slot = decided(slot, module, logical_shape(weight), can_merge=False)
                 if slot.decision.fate == REFUSED:
                     level = logging.WARNING if slot.decision.unreadable else logging.ERROR
                     log.log(level, "[freefuse_bypass_patch] %s; adapter not applied", slot.decision.reason)
                     continue
-                if slot.decision.fate == TRANSIENT:
+                if slot.decision.fate == TRANSIENT and fresh:
                     transient[slot.decision.reason] += 1
                 fitting.append(slot)
             if fitting:

@@ -238,6 +238,7 @@ def test_factored_adapters_stay_factored_beside_a_transient():
     summaries = [r.getMessage() for r in logs.records if "bypass LoRA" in r.getMessage()]
     assert "1 factored" in summaries[0] and "1 transient (double_blocks.0.img_mlp.0.weight: DoRA on the input " \
         "axis)" in summaries[1], summaries
+    assert logs.count("DoRA on the input axis") == 1, [r.getMessage() for r in logs.records]  # said once, at its load
     assert sc.max_rel_diff(_quiet_forward(patched, inputs), merged) <= REL_TOL
     from freefuse_bypass_patch.manager import FusedBypassManager as Manager
     from freefuse_bypass_patch.loader import SLOTS_ATTACHMENT

@@ -212,22 +212,29 @@ def setup(family, cfg, device, dtype, include):
 
 def _spatial_inputs(base, inputs):
     """The (h, w) of every SpatialTransformer's input in one forward of an SDXL."""
+    seen = []
+    _one_forward_watched(base, inputs, lambda model: [
+        m.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+        for m in model.modules() if type(m).__name__ == "SpatialTransformer"])
+    return seen
+
+
+def _one_forward_watched(patcher, inputs, watch):
+    """Load ``patcher``, let ``watch(diffusion model)`` register its torch hooks (after the load,
+    so the plugin's own hooks are attached), run one forward, then remove them and unload."""
     import comfy.model_management as mm
 
     from freefuse_bypass_patch import kit as sc
 
-    seen = []
-    handles = [m.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
-               for m in base.model.diffusion_model.modules() if type(m).__name__ == "SpatialTransformer"]
-    mm.load_models_gpu([base])
+    mm.load_models_gpu([patcher])
+    handles = watch(patcher.model.diffusion_model)
     try:
         with torch.inference_mode():
-            sc.apply_model(base, inputs)
+            sc.apply_model(patcher, inputs)
     finally:
         for h in handles:
             h.remove()
         mm.unload_all_models()
-    return seen
 
 
 def run(family, args):
@@ -314,7 +321,7 @@ def run(family, args):
             plugin(loras[:2]), {0: half_masks[0], 1: half_masks[1]}))
         if family == "flux":
             modes["naive masked hook, 2 LoRAs"], _ = attach(lambda: naive(2, masked=True))
-    floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], inputs, mm)
+    floor_bytes = hook_traffic(modes["plugin, 1 LoRA"], inputs)
     if args.modes:
         wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
         references = ("merged, 1 LoRA", "merged, 2 LoRAs")
@@ -381,13 +388,12 @@ def run(family, args):
     return ratio
 
 
-def hook_traffic(patcher, inputs, mm):
+def hook_traffic(patcher, inputs):
     """Bytes a forward hook must move beyond the base forward, for the modules the plugin hooks.
 
     Each hooked output is read and written once more (the in-place add of the adapters)
     and each hooked input is read once more (the down-projection): one forward, counted.
     """
-    from freefuse_bypass_patch import kit as sc
     from freefuse_bypass_patch.hooks import ACTIVE_HOOK_ATTR
 
     total = [0]
@@ -395,16 +401,8 @@ def hook_traffic(patcher, inputs, mm):
     def count(module, args, out):
         total[0] += 2 * out.numel() * out.element_size() + args[0].numel() * args[0].element_size()
 
-    mm.load_models_gpu([patcher])
-    model = patcher.model.diffusion_model
-    handles = [m.register_forward_hook(count) for m in model.modules() if ACTIVE_HOOK_ATTR in m.__dict__]
-    try:
-        with torch.inference_mode():
-            sc.apply_model(patcher, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        mm.unload_all_models()
+    _one_forward_watched(patcher, inputs, lambda model: [
+        m.register_forward_hook(count) for m in model.modules() if ACTIVE_HOOK_ATTR in m.__dict__])
     return total[0]
 
 

@@ -267,6 +267,40 @@ class FusedBypassHook:
         if self.module.__dict__.get(ACTIVE_HOOK_ATTR) is self:
             del self.module.__dict__[ACTIVE_HOOK_ATTR]
 
+    # -- what code written for stock's BypassForwardHook calls (tests/test_parity.py walks it) --
+    inject = attach
+    eject = detach
+
+    @property
+    def original_forward(self) -> Optional[Callable]:
+        """Stock's: the forward it replaced, None when not injected. Ours never replaces
+        ``forward`` (a torch hook runs after it), so: the module's forward while attached."""
+        return self.module.forward if self._handle is not None else None
+
+    @property
+    def adapter_entries(self) -> List[Tuple[Any, float, Optional[Tuple[int, int, int]]]]:
+        """``(adapter, strength, offset)`` per adapter, in load order (the 0.14.1 fork's form)."""
+        return [(s.adapter, s.strength, s.target.offset) for s in self.slots]
+
+    @property
+    def adapter(self) -> Any:
+        """Stock's single adapter: this module's first (all of them: ``adapter_entries``)."""
+        return self.slots[0].adapter
+
+    @property
+    def multiplier(self) -> float:
+        """Stock's single strength: the first adapter's."""
+        return self.slots[0].strength
+
+    def _move_adapter_weights_to_device(self, device, dtype=None) -> None:
+        """What upstream's ``BypassInjectionManager.offload`` calls when the model is detached:
+        trainable adapters (``nn.Module``) go to ``device``; inference adapters keep their factors
+        where they are, and the forms built from them for a compute device are dropped (rebuilt
+        by the next forward), so a detached model holds no adapter memory on its old device."""
+        for slot in self.trainable:
+            slot.adapter.to(device=device)
+        self._built.clear()
+
     def held_bytes(self) -> int:
         """Bytes of every tensor this hook keeps between forwards (factors and vectors)."""
         seen = {}

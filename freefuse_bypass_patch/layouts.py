@@ -140,21 +140,24 @@ class Geometry:
 
     # -- fitting the masks to this forward -----------------------------------------
     def image_grid(self, mask: torch.Tensor, name: str) -> torch.Tensor:
-        """(rows, H, W): a flat mask as its grid, a grid as it is; rows are 1 or the batch."""
+        """(rows, H, W): a flat mask as its grid, a grid as it is; rows are 1 or the batch.
+
+        A 2-D mask is ``(rows, N)`` only when rows is 1 or the batch and N one of this forward's
+        token counts; any other 2-D mask is a grid (an SDXL mask at 1024x1024 pixels is a grid,
+        though 1024 is also the token count of one of its levels)."""
         shape = tuple(mask.shape)
-        if mask.dim() == 1:
-            grid = self.levels.get(shape[0])
-            if grid is not None:
-                return mask.reshape(1, *grid)
-        elif shape[1] in self.levels and shape[0] in (1, self.batch):
-            return mask.reshape(shape[0], *self.levels[shape[1]])
-        elif shape[1] not in self.levels:
+        if mask.dim() == 2:
+            if shape[1] in self.levels and shape[0] in (1, self.batch):
+                return mask.reshape(shape[0], *self.levels[shape[1]])
             return mask[None]  # a grid of any size: resized to each grid it meets
+        grid = self.levels.get(shape[0])
+        if grid is not None:
+            return mask.reshape(1, *grid)
         flat = ", ".join("(%d,)" % n for n in sorted(self.levels, reverse=True))
-        raise LoraMaskError("image mask for LoRA %r has shape %s; this forward has %s: expected %s, (1, %d), "
-                            "(%d, %d) or an (H, W) grid of any size (resized to %dx%d)"
-                            % (name, shape, self.describe(), flat, self.image_tokens, self.batch, self.image_tokens,
-                               self.grid[0], self.grid[1]))
+        rows = "1" if self.batch == 1 else "1 or %d" % self.batch
+        raise LoraMaskError("image mask for LoRA %r has shape %s; this forward has %s: expected %s, (%s, N) with N "
+                            "one of those, or an (H, W) grid of any size (resized to %dx%d)"
+                            % (name, shape, self.describe(), flat, rows, self.grid[0], self.grid[1]))
 
     def text_rows(self, mask: torch.Tensor, name: str) -> torch.Tensor:
         """(rows, text tokens); rows are 1 or the batch."""

@@ -35,6 +35,8 @@ SLOTS_ATTACHMENT = "freefuse_bypass_lora"  # tuple[AdapterSlot, ...] on a patche
 REPORT_ATTACHMENT = "freefuse_bypass_load_report"  # LoadReport of the last bypass load onto a patcher
 INJECTION_KEY = "bypass_lora"  # the key stock ComfyUI uses; ours replaces it
 FORK_MANAGER_ATTACHMENT = "bypass_lora_manager"  # the 0.14.1 fork keeps its manager here
+MANAGER_ATTACHMENT = "freefuse_bypass_manager"  # the FusedBypassManager of a patcher's injection
+CALLBACK_KEY = "freefuse_bypass_patch"  # our ON_DETACH callback's key (upstream registers manager.offload)
 
 
 def previous_slots(patcher) -> Tuple[AdapterSlot, ...]:
@@ -135,12 +137,36 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
         patcher.set_attachments(SLOTS_ATTACHMENT, slots)
         manager = FusedBypassManager(slots)
         patcher.set_injections(INJECTION_KEY, manager.create_injections(root))
+        patcher.set_attachments(MANAGER_ATTACHMENT, manager)
+        _offload_on_detach(patcher)
         for hook in manager.hooks:  # a form after a transient adapter that it reads runs in the merge code
             for slot in hook.demoted:
                 if slot.key in report.decisions and slot.lora == len(names):
                     report.decisions[slot.key] = replace(slot.decision, fate=TRANSIENT, form=None, reason=(
                         "after a transient adapter of its module that it reads, in load order"))
     return applied
+
+
+def _offload_on_detach(patcher) -> None:
+    """Register, once per patcher chain, the ON_DETACH callback that upstream's loader registers
+    after 0.33 (``manager.offload``): it offloads the manager of the patcher being detached."""
+    try:
+        from comfy.patcher_extension import CallbacksMP
+    except ImportError:
+        return
+    on_detach = getattr(CallbacksMP, "ON_DETACH", None)
+    if on_detach is None or not hasattr(patcher, "add_callback_with_key"):
+        return
+    if not patcher.callbacks.get(on_detach, {}).get(CALLBACK_KEY):
+        patcher.add_callback_with_key(on_detach, CALLBACK_KEY, offload_bypass)
+
+
+def offload_bypass(patcher, unpatch_all: bool = True) -> None:
+    """ON_DETACH: the detached patcher's bypass adapters leave its compute device (see
+    ``FusedBypassManager.offload``)."""
+    manager = (getattr(patcher, "attachments", None) or {}).get(MANAGER_ATTACHMENT)
+    if manager is not None:
+        manager.offload(patcher, unpatch_all)
 
 
 def _decide(root, tensors: Dict[str, torch.Tensor], slot: AdapterSlot) -> AdapterSlot:

@@ -109,3 +109,23 @@ class FusedBypassManager:
                 handles.pop().remove()
 
         return [PatcherInjection(inject=inject, eject=eject)]
+
+    # -- what code written for stock's BypassInjectionManager calls (tests/test_parity.py walks it) --
+    @property
+    def adapters(self) -> Dict[str, List[tuple]]:
+        """``{module path: [(adapter, strength, offset), ...]}``, in load order: stock keeps one
+        ``(adapter, strength)`` per module; several per module is the 0.14.1 fork's form."""
+        grouped: Dict[str, List[tuple]] = {}
+        for slot in self.slots:
+            grouped.setdefault(slot.target.module_path, []).append((slot.adapter, slot.strength, slot.target.offset))
+        return grouped
+
+    def get_hook_count(self) -> int:
+        return len(self.hooks)
+
+    def offload(self, model_patcher, unpatch_all: bool = True) -> None:
+        """Upstream's ON_DETACH callback (after 0.33): trainable adapters to the patcher's offload
+        device, every built form dropped, so a detached model keeps no adapter memory on its
+        compute device (the next forward rebuilds them)."""
+        for hook in self.hooks:
+            hook._move_adapter_weights_to_device(model_patcher.offload_device)

@@ -31,6 +31,7 @@ DISABLE_ENV = "FREEFUSE_BYPASS_PATCH_DISABLE"
 MARK = "_self_freefuse_bypass_patch"  # wrapt keeps ``_self_*`` attributes on the wrapper itself
 LOADER_PARAMS = ("model", "clip", "lora", "strength_model", "strength_clip")
 MANAGER_METHODS = ("add_adapter", "create_injections", "clear_adapters")
+OPTIONAL_MANAGER_METHODS = ("offload",)  # wrapped where the running ComfyUI has them (upstream after 0.33)
 
 
 @dataclass
@@ -160,8 +161,9 @@ def _apply(sd_module) -> None:
 
     bypass = importlib.import_module("comfy.weight_adapter.bypass")
     _wrap(sd_module, "load_bypass_lora_for_models", wrappers.load_bypass_lora_for_models)
-    for method in MANAGER_METHODS:
-        _wrap(bypass.BypassInjectionManager, method, getattr(wrappers, "manager_" + method))
+    for method in MANAGER_METHODS + OPTIONAL_MANAGER_METHODS:
+        if callable(getattr(bypass.BypassInjectionManager, method, None)):
+            _wrap(bypass.BypassInjectionManager, method, getattr(wrappers, "manager_" + method))
     native = [n for n, v in (("slice offsets", caps.native_offsets), ("stacked adapters", caps.native_stacking),
                              ("shared-manager chaining", caps.native_chaining)) if v]
     _report_once(logging.INFO, "freefuse_bypass_patch active on ComfyUI %s%s" % (
@@ -212,7 +214,7 @@ def uninstall() -> None:
     bypass = sys.modules.get("comfy.weight_adapter.bypass")
     manager = getattr(bypass, "BypassInjectionManager", None)
     if manager is not None:
-        for method in MANAGER_METHODS:
+        for method in MANAGER_METHODS + OPTIONAL_MANAGER_METHODS:
             _unwrap(manager, method)
 
 

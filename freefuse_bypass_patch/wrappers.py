@@ -53,8 +53,16 @@ def manager_create_injections(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     model = args[0] if args else kwargs["model"]
     injections = manager.create_injections(model)
-    instance.hooks = list(manager.hooks)  # stock get_hook_count() reads this
+    instance.hooks = list(manager.hooks)  # stock get_hook_count() and offload() read this
     return injections
+
+
+def manager_offload(wrapped, instance, args, kwargs):
+    """Upstream's ON_DETACH callback (after 0.33): ours when our hooks serve this manager."""
+    manager = instance.__dict__.get(_OURS)
+    if manager is not None and manager.hooks and instance.hooks == manager.hooks:
+        return manager.offload(*args, **kwargs)
+    return wrapped(*args, **kwargs)
 
 
 def manager_clear_adapters(wrapped, instance, args, kwargs):

@@ -429,6 +429,60 @@ def form_class(adapter: Any, out_rows: int, in_features: int) -> Optional[type]:
     return DoRAForm
 
 
+def row_permutation(function: Callable, rows: int) -> Optional[Tuple[int, ...]]:
+    """The fixed permutation of rows that a key map's diff function applies (ComfyUI's
+    ``swap_scale_shift``: the two halves swapped), as ``perm`` with ``function(d) == d[perm]``;
+    None for any other function. Probed in float64 on an index column and random columns."""
+    index = torch.arange(rows, dtype=torch.float64)[:, None].repeat(1, 2)
+    probe = torch.randn(rows, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    try:
+        moved, probed = function(index), function(probe)
+    except Exception:
+        return None
+    if not (isinstance(moved, torch.Tensor) and isinstance(probed, torch.Tensor)) or moved.shape != index.shape \
+            or probed.shape != probe.shape:
+        return None
+    perm = moved[:, 0].round().long()
+    if not torch.equal(moved[:, 0], perm.double()) or not torch.equal(perm.sort().values, torch.arange(rows)) \
+            or not torch.equal(probed, probe[perm]):
+        return None
+    return tuple(perm.tolist())
+
+
+class _RowPermuted:
+    """Mixin for a form whose diff goes through a row permutation (``rows``): row i of the term is
+    row ``rows[i]`` of the adapter's own. Low-rank ups are permuted once, when the hook builds them."""
+
+    rows: Tuple[int, ...] = ()
+
+    def factors(self):
+        pair = super().factors()
+        return None if pair is None else (pair[0][list(self.rows)], pair[1])
+
+    def contribution(self, x, y):
+        term = super().contribution(x, y)
+        return term.index_select(-1, torch.as_tensor(self.rows, device=term.device))
+
+    def add_(self, x, rows, mask=None):  # not the form's own in-place add: it writes unpermuted rows
+        add_masked(rows, self.contribution(x, None), mask)
+
+
+_PERMUTED: dict = {}
+
+
+def permuted_rows(cls: type, perm: Tuple[int, ...]) -> Optional[type]:
+    """``cls`` with its term's rows permuted, or None where merged applies the function elsewhere
+    than to a plain additive diff (forms that read W' or the output: DoRA, GLoRA, OFT, BOFT)."""
+    if cls.reads_output or cls.needs_weight:
+        return None
+    if perm == tuple(range(len(perm))):
+        return cls
+    key = (cls, perm)
+    if key not in _PERMUTED:
+        _PERMUTED[key] = type(cls.__name__, (_RowPermuted, cls), {"rows": perm, "__doc__": cls.__doc__})
+    return _PERMUTED[key]
+
+
 def dora_on_rows(dora_scale: torch.Tensor, out_rows: int) -> bool:
     """One magnitude per output row, shaped (out, 1, ...) as weight_decompose divides it by the
     row norms (out, 1, ...); a 1-D (out,) one broadcasts against them into (out, out) there."""

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from .conv_forms import conv_form_class
-from .forms import DORA_INDEX, form_class
+from .forms import DORA_INDEX, form_class, permuted_rows, row_permutation
 from .keys import BypassKeyError, Target
 from .weights import unreadable
 
@@ -129,10 +129,15 @@ def _fate(slot: AdapterSlot, module: torch.nn.Module, shape: Sequence[int]) -> D
     start, length = out_rows(target, shape)
     in_features = int(math.prod(shape[1:]))
     whole_rows = target.function is None and (target.offset is None or target.offset[0] == 0)
+    perm = None  # a diff function that only permutes rows (swap_scale_shift): a factored form too
+    if target.function is not None and target.offset is None and len(shape) == 2:
+        perm = row_permutation(target.function, int(shape[0]))
     cls = None
-    if whole_rows:
+    if whole_rows or perm is not None:
         _check_lora_shapes(slot, shape, length, in_features)
         cls = form_class(adapter, length, in_features) if len(shape) == 2 else conv_form_class(adapter, module, length)
+        if perm is not None and cls is not None:
+            cls = permuted_rows(cls, perm)
     if cls is not None and len(shape) == 2:
         _probe_form(slot, cls, start, length, in_features, shape)
         has_bias = getattr(module, "bias", None) is not None

@@ -83,9 +83,7 @@ def read(module: torch.nn.Module, device, dtype: Optional[torch.dtype] = None
     if _own_cast(module):  # ComfyUI-GGUF: dequantize, then its own patches
         w, b = module.cast_bias_weight(None, dtype=dtype, device=device, bias_dtype=dtype)[:2]
     elif _comfy_op(module):  # ComfyUI: dequantize (QuantizedTensor), then weight_function patches
-        import comfy.ops
-
-        w, b = comfy.ops.cast_bias_weight(module, None, dtype=dtype, device=device, bias_dtype=dtype)[:2]
+        w, b = _comfy_cast(module, device, dtype)
     else:
         for part in ("weight", "bias"):
             reason = unreadable(module, part)
@@ -96,6 +94,27 @@ def read(module: torch.nn.Module, device, dtype: Optional[torch.dtype] = None
         b = bias.to(device=device, dtype=dtype) if bias is not None else None
     w = _dequantized(w).to(dtype).detach()
     return w, (_dequantized(b).to(dtype).detach() if b is not None else None)
+
+
+def _comfy_cast(module: torch.nn.Module, device, dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``comfy.ops.cast_bias_weight`` paired with ``uncast_bias_weight``, as ComfyUI's own ops pair
+    them: under DynamicVRAM the cast pins the module's vbar (and may fill a shared cast buffer) until
+    the uncast. What came from such a buffer or pin is copied before it is released."""
+    import comfy.ops
+
+    uncast = getattr(comfy.ops, "uncast_bias_weight", None)
+    if uncast is None:  # a ComfyUI before async offload: nothing to release
+        return comfy.ops.cast_bias_weight(module, None, dtype=dtype, device=device, bias_dtype=dtype)[:2]
+    w, b, stream = comfy.ops.cast_bias_weight(module, None, dtype=dtype, device=device, bias_dtype=dtype,
+                                              offloadable=True)
+    try:
+        borrowed = stream is not None and (stream[0] is not None or (
+            stream[1] is not None and not isinstance(stream[1], torch.Tensor)))  # a cast buffer or a vbar pin
+        if borrowed:
+            return _dequantized(w).to(dtype).clone(), (b.to(dtype).clone() if b is not None else None)
+        return w, b
+    finally:
+        uncast(module, w, b, stream)
 
 
 def read_bias(module: torch.nn.Module, device, dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from freefuse_bypass_patch import kit as sc
+from freefuse_bypass_patch.loader import MANAGER_ATTACHMENT
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
@@ -59,3 +60,41 @@ def test_partial_load_merged_lora_under_bypass_weight_readers(kind):
     assert sc.max_rel_diff(got, expected) <= REL_TOL, kind
     fully_loaded = sc.forward(bypass, inputs)  # the same patcher, fully loaded: module.weight is W'
     assert sc.max_rel_diff(fully_loaded, expected) <= REL_TOL
+
+
+def test_every_cast_that_reads_a_weight_is_uncast():
+    """Issue 20: ComfyUI's own ops pair ``cast_bias_weight(..., offloadable=True)`` with
+    ``uncast_bias_weight`` (under DynamicVRAM the cast pins the module until then); so does every
+    read of W' (DoRA's norms here, under partial loading, where the reads go through the cast)."""
+    import comfy.ops
+
+    if not hasattr(comfy.ops, "uncast_bias_weight"):
+        pytest.skip("this ComfyUI has no uncast_bias_weight (no async offload)")
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    dora = sc.adapter_lora(base.model, "dora", "kohya", seed=55, limit=8)
+    bypass = comfy.sd.load_bypass_lora_for_models(base, None, dora, 0.8, 0)[0]
+    cast, uncast, seen = comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight, []
+
+    def counting_cast(module, *args, **kwargs):
+        seen.append(("cast", id(module), kwargs.get("offloadable", args[4] if len(args) > 4 else False)))
+        return cast(module, *args, **kwargs)
+
+    def counting_uncast(module, *args, **kwargs):
+        seen.append(("uncast", id(module), True))
+        return uncast(module, *args, **kwargs)
+
+    comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight = counting_cast, counting_uncast
+    try:
+        out, _ = _run_partially_loaded(bypass, inputs)
+    finally:
+        comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight = cast, uncast
+    ours = {id(h.module) for h in bypass.attachments[MANAGER_ATTACHMENT].hooks}  # the DoRAs' modules
+    assert any(kind == "cast" and m in ours for kind, m, _ in seen)  # W' was read through the cast
+    opened = [(m, k) for k, m, offloadable in seen if k == "cast" and offloadable]
+    closed = [(m, k) for k, m, _ in seen if k == "uncast"]
+    assert len(opened) == len(closed) and {m for m, _ in opened} == {m for m, _ in closed}
+    assert not [m for k, m, offloadable in seen if k == "cast" and not offloadable and m in ours], \
+        "a cast without offloadable=True (never uncast)"
+    merged, _ = _run_partially_loaded(comfy.sd.load_lora_for_models(base, None, dora, 0.8, 0)[0], inputs)
+    assert sc.max_rel_diff(out, merged) <= REL_TOL

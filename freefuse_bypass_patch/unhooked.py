@@ -23,7 +23,7 @@ from .hooks import ACTIVE_HOOK_ATTR
 def linear_input_act(stock: Callable[..., Any], linear: Any, x: Any, input_act: Any, *args, **kwargs) -> Any:
     """``stock(linear, x, input_act, ...)``, plus ``linear``'s bypass adapters if the call skipped its hook."""
     hook = linear.__dict__.get(ACTIVE_HOOK_ATTR) if isinstance(linear, torch.nn.Module) else None
-    if hook is None:
+    if hook is None or not hasattr(hook, "calls"):  # no hook, or one of a copy of this package without it
         return stock(linear, x, input_act, *args, **kwargs)
     calls = hook.calls
     out = stock(linear, x, input_act, *args, **kwargs)

@@ -180,3 +180,28 @@ def test_called_module_not_doubled():
                                            inputs, names)
     assert kernel == 0 and called == len(names)
     assert sc.max_rel_diff(out, merged) <= REL_TOL
+
+
+def test_unknown_linear_input_act_signature_left_alone(monkeypatch, caplog):
+    """A linear_input_act whose signature we do not know is not wrapped: one warning, the rest of the
+    plugin active (on every tree: where there is none, one is put there for the test)."""
+    import logging
+
+    def linear_input_act(module, inputs, activation):  # a future, different API
+        return module(inputs)
+
+    ffbp.uninstall()
+    monkeypatch.setattr(comfy.ops, "linear_input_act", linear_input_act, raising=False)
+    try:
+        with caplog.at_level(logging.INFO):
+            assert ffbp.install() is True
+        assert comfy.ops.linear_input_act is linear_input_act and ffbp.is_patched()
+        caps = ffbp.capabilities()
+        assert not caps.input_act_linear and caps.patchable
+        warnings = [r for r in caplog.records if "linear_input_act" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    finally:
+        ffbp.uninstall()
+        monkeypatch.undo()
+        ffbp.install()
+    assert ffbp.capabilities().input_act_linear == k8.has_input_act_linear()

@@ -245,6 +245,7 @@ class FusedBypassHook:
         self._read_by_later = frozenset(s.lora for s, _ in self.form_slots[:readers[-1]]) if readers else frozenset()
         self._built: Dict[Tuple[Any, Any, FrozenSet[int]], _Built] = {}
         self._handle = None
+        self.calls = 0  # forward-hook runs: :mod:`.unhooked` tells whether a call reached the module
 
     # -- lifecycle -------------------------------------------------------------------
     def attach(self) -> None:
@@ -311,11 +312,18 @@ class FusedBypassHook:
 
     # -- forward ---------------------------------------------------------------------
     def _forward_hook(self, module, args, kwargs, output):
+        self.calls += 1
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
             raise TypeError("[freefuse_bypass_patch] %s (%s): bypass needs the input and output tensors of its "
                             "forward, got input %s and output %s" % (self.module_path, type(module).__name__,
                                                                      type(x).__name__, type(output).__name__))
+        return self.forward_output(x, output)
+
+    def forward_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """What the hook returns for the module's input ``x`` and output: ``apply`` with this forward's
+        state from the mask source. Also run for calls that compute with the module's weight without
+        calling it (:mod:`.unhooked`)."""
         source = self.mask_source
         state = source(self, x) if source is not None else None
         if state is None:

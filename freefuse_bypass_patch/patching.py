@@ -7,7 +7,9 @@ Guards test capabilities, never version strings:
   signature we do not know                                     -> inert, one WARNING;
 * the running ComfyUI already takes slice offsets / stacks adapters (the 0.14.1 fork)
   -> still one implementation runs (ours replaces the stock body; nothing is applied twice)
-  and adapters the fork put on a patcher are carried over.
+  and adapters the fork put on a patcher are carried over;
+* ``comfy.ops.linear_input_act`` (0.30+), which runs an INT8 Linear without calling it, is
+  wrapped only where it exists with the signature we know.
 
 Activation goes through wrapt's post-import hooks, so ``install()`` works before or after
 ``comfy`` is imported. Nothing here raises into the importer.
@@ -32,6 +34,7 @@ MARK = "_self_freefuse_bypass_patch"  # wrapt keeps ``_self_*`` attributes on th
 LOADER_PARAMS = ("model", "clip", "lora", "strength_model", "strength_clip")
 MANAGER_METHODS = ("add_adapter", "create_injections", "clear_adapters")
 OPTIONAL_MANAGER_METHODS = ("offload",)  # wrapped where the running ComfyUI has them (upstream after 0.33)
+INPUT_ACT_PARAMS = ("linear", "x", "input_act")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Capabilities:
     native_offsets: bool = False  # add_adapter(..., offset=) exists (0.14.1 fork)
     native_stacking: bool = False  # one hook holds several adapters (0.14.1 fork)
     native_chaining: bool = False  # loader shares a manager through an attachment (0.14.1 fork)
+    input_act_linear: bool = False  # comfy.ops.linear_input_act computes without calling the module (0.30+)
     problems: List[str] = field(default_factory=list)
 
     @property
@@ -128,7 +132,29 @@ def detect(sd_module) -> Capabilities:
     hook = getattr(bypass, "BypassForwardHook", None)
     if hook is not None:
         caps.native_stacking = "adapter_entries" in inspect.signature(hook.__init__).parameters
+    caps.input_act_linear = _input_act_linear(caps)
     return caps
+
+
+def _input_act_linear(caps: Capabilities) -> bool:
+    """Is there a ``comfy.ops.linear_input_act(linear, x, input_act)`` to wrap? Absent is normal (before
+    0.30); present with another signature is a problem: INT8 layers it runs would lose their adapters."""
+    try:
+        ops = importlib.import_module("comfy.ops")
+    except Exception:
+        return False
+    function = getattr(ops, "linear_input_act", None)
+    if function is None:
+        return False
+    try:
+        params = tuple(inspect.signature(_original(function)).parameters)
+    except (TypeError, ValueError):
+        params = ()
+    if params[:len(INPUT_ACT_PARAMS)] != INPUT_ACT_PARAMS:
+        caps.problems.append("comfy.ops.linear_input_act%s is not a signature we know: adapters on the layers "
+                             "it runs without calling them (INT8) are not applied" % (params,))
+        return False
+    return True
 
 
 def _wrap(owner, name: str, wrapper) -> None:
@@ -164,6 +190,10 @@ def _apply(sd_module) -> None:
     for method in MANAGER_METHODS + OPTIONAL_MANAGER_METHODS:
         if callable(getattr(bypass.BypassInjectionManager, method, None)):
             _wrap(bypass.BypassInjectionManager, method, getattr(wrappers, "manager_" + method))
+    if caps.input_act_linear:
+        _wrap(importlib.import_module("comfy.ops"), "linear_input_act", wrappers.linear_input_act)
+    for problem in caps.problems:  # patchable: only what is left out (linear_input_act) can be here
+        log.warning("[freefuse_bypass_patch] %s", problem)
     native = [n for n, v in (("slice offsets", caps.native_offsets), ("stacked adapters", caps.native_stacking),
                              ("shared-manager chaining", caps.native_chaining)) if v]
     _report_once(logging.INFO, "freefuse_bypass_patch active on ComfyUI %s%s" % (
@@ -216,6 +246,9 @@ def uninstall() -> None:
     if manager is not None:
         for method in MANAGER_METHODS + OPTIONAL_MANAGER_METHODS:
             _unwrap(manager, method)
+    ops = sys.modules.get("comfy.ops")
+    if ops is not None:
+        _unwrap(ops, "linear_input_act")
 
 
 def is_patched() -> bool:

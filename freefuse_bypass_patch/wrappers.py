@@ -10,6 +10,7 @@ module, on whole weights (ComfyUI's trainer).
 
 from __future__ import annotations
 
+from . import unhooked
 from .slots import is_trainable
 from .loader import load_bypass_lora_for_models as _load_bypass_lora
 from .manager import FusedBypassManager
@@ -68,3 +69,7 @@ def manager_offload(wrapped, instance, args, kwargs):
 def manager_clear_adapters(wrapped, instance, args, kwargs):
     _ours(instance).clear_adapters()
     return wrapped(*args, **kwargs)
+
+
+def linear_input_act(wrapped, instance, args, kwargs):
+    return unhooked.linear_input_act(wrapped, *args, **kwargs)

@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from typing import Optional
 
 from .. import autoactivate
@@ -90,7 +91,7 @@ def run_disable(site: Optional[str]) -> int:
 def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
     """Enabled or not, the package, the ComfyUI found (imported, in CPU mode) and what is patched."""
     from .. import __version__
-    from ..patching import DISABLE_ENV, MANAGER_METHODS, capabilities, comfyui_version, disabled_by_env, is_patched
+    from ..patching import DISABLE_ENV, MANAGER_METHODS, MARK, capabilities, comfyui_version, disabled_by_env, is_patched
 
     path, state = autoactivate.pth_path(site), autoactivate.state(site)
     print("autoactivate: " + {"enabled": "enabled (%s)", "disabled": "not enabled (no %s)",
@@ -116,6 +117,9 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
     print("ComfyUI: %s at %s (%s)" % (comfyui_version(), comfyui, origin))
     if is_patched():
         methods = ", ".join("BypassInjectionManager.%s" % m for m in MANAGER_METHODS)
+        ops = sys.modules.get("comfy.ops")
+        if getattr(getattr(ops, "linear_input_act", None), MARK, False):
+            methods += ", comfy.ops.linear_input_act"
         print("patched: yes: comfy.sd.load_bypass_lora_for_models, %s" % methods)
     elif caps is None:
         print("patched: no (%s)" % ("switched off by " + DISABLE_ENV if disabled_by_env() else "not installed"))
@@ -125,7 +129,7 @@ def run_status(site: Optional[str], comfyui: Optional[str]) -> int:
         print("patched: no: %s" % "; ".join(caps.problems))
     if caps is not None:
         fields = ("bypass_module", "loader_known", "manager_known", "native_offsets", "native_stacking",
-                  "native_chaining")
+                  "native_chaining", "input_act_linear")
         print("capabilities: " + " ".join("%s=%s" % (f, getattr(caps, f)) for f in fields))
     return 0
 

@@ -17,9 +17,9 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from .copies import FollowingInjection
 from .hooks import FusedBypassHook
 from .keys import Offset, parse_target
-from .regional import ForwardState
 from .slots import REFUSED, TRANSIENT, AdapterSlot, decided
 from .weights import logical_shape
 
@@ -86,26 +86,10 @@ class FusedBypassManager:
 
     def create_injections(self, model: torch.nn.Module) -> list:
         """A single PatcherInjection that attaches and detaches every hook, and the forward
-        hooks that publish the patcher's token masks and LoRA switch (see :mod:`.regional`):
-        each hook is handed the source of that state."""
+        hooks that publish the patcher's token masks and LoRA switch (see :mod:`.regional`).
+        The hooks are made for ``model``; a patcher that runs a copy of it (multi-GPU, the
+        trainer's deep copy) gets hooks of its own on the copy (see :mod:`.copies`)."""
         from comfy.patcher_extension import PatcherInjection
 
-        hooks = self.create_hooks(model)
-        state = ForwardState()
-        for hook in hooks:  # each hook gets the source of its per-forward state (masks, switch)
-            hook.mask_source = state.source
-        handles: list = []
-
-        def inject(model_patcher=None):
-            for hook in hooks:
-                hook.attach()
-            if not handles:
-                handles.extend(state.watch(model, model_patcher))
-
-        def eject(model_patcher=None):
-            for hook in hooks:
-                hook.detach()
-            while handles:
-                handles.pop().remove()
-
-        return [PatcherInjection(inject=inject, eject=eject)]
+        following = FollowingInjection(model, self.create_hooks(model))
+        return [PatcherInjection(inject=following.inject, eject=following.eject)]

@@ -152,17 +152,51 @@ def test_deepclone_multigpu_copy_runs_the_bypass_lora(flux):
     assert {p: id(h) for p, h in again.items()} == {p: id(h) for p, h in home.items()}
     assert torch.equal(sc.forward(chained, inputs), out)
 
-    # both loaded at once, as multi-GPU sampling keeps them: each model runs its own hooks
-    mm.load_models_gpu([chained, copy])
+    # the original and two copies (two extra devices) loaded at once, as multi-GPU sampling keeps
+    # them: no hook detaches another's (attach only does that on its own module), each model
+    # runs its own
+    second = chained.deepclone_multigpu(new_load_device=CPU)
+    patchers = (chained, copy, second)
+    mm.load_models_gpu(list(patchers))
     try:
-        assert _hooks_on(chained.model).keys() == home.keys() and _hooks_on(copy.model).keys() == home.keys()
-        assert torch.equal(sc.apply_model(chained, inputs), out)
-        assert torch.equal(sc.apply_model(copy, inputs), out)
+        for p in patchers:
+            assert _hooks_on(p.model).keys() == home.keys()
+        assert {p: id(h) for p, h in _hooks_on(chained.model).items()} == {p: id(h) for p, h in home.items()}
+        for p in patchers:
+            assert torch.equal(sc.apply_model(p, inputs), out)
     finally:
         mm.unload_all_models()
-    for model in (chained.model, copy.model):  # eject detached everything inject attached, per model
+    for model in (p.model for p in patchers):  # eject detached everything inject attached, per model
         assert not _hooks_on(model)
         assert _torch_hooks(model) == torch_hooks
+
+
+def test_an_injection_made_for_a_submodule_follows_too(flux):
+    """A manager used directly on ``patcher.model.diffusion_model`` (another plugin's way):
+    the patcher's own model holds it (its hooks, as before); a copy gets hooks on the same
+    place in its own model, found through the clone's parent."""
+    _needs(multigpu=True)
+    import comfy.lora
+    import comfy.lora_convert
+
+    from freefuse_bypass_patch.manager import FusedBypassManager
+
+    base, loras, inputs = flux
+    prefix = "diffusion_model."
+    manager = FusedBypassManager()
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    for key, adapter in comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(loras[0])), key_map).items():
+        key = key[len(prefix):] if isinstance(key, str) else (key[0][len(prefix):],) + tuple(key[1:])
+        manager.add_adapter(key, adapter, 1.0)
+    patcher = base.clone()
+    patcher.set_injections("bypass_lora", manager.create_injections(patcher.model.diffusion_model))
+    out = sc.forward(patcher, inputs)
+    merged = sc.forward(comfy.sd.load_lora_for_models(base, None, loras[0], 1.0, 0)[0], inputs)
+    assert sc.max_rel_diff(out, merged) <= REL_TOL
+    assert {id(h) for h in _loaded_hooks(patcher).values()} == {id(h) for h in manager.hooks}
+    copy = patcher.deepclone_multigpu(new_load_device=CPU)
+    assert torch.equal(sc.forward(copy, inputs), out)
+    assert sorted(_loaded_hooks(copy)) == sorted(prefix + h.module_path for h in manager.hooks)
 
 
 def test_match_multigpu_clones_carry_masks_and_switch(flux):

@@ -306,11 +306,13 @@ def test_a_copys_hooks_go_with_its_model(flux):
     copy = chained.deepclone_multigpu(new_load_device=CPU)
     sc.forward(copy, inputs)
     model, hooks = weakref.ref(copy.model), [weakref.ref(h) for h in _loaded_hooks(copy).values()]
-    assert hooks
+    following = chained.injections["bypass_lora"][0].inject.__self__  # the injection's copies.FollowingInjection
+    assert hooks and len(following.copies()) == 1
     del copy
     gc.collect()
     assert model() is None
     assert all(h() is None for h in hooks)
+    assert following.copies() == []
 
 
 @pytest.mark.parametrize("bypass_mode", [True, False], ids=["trainer_bypass", "trainer_weight_wrapper"])

@@ -17,9 +17,9 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from .copies import FollowingInjection
 from .hooks import FusedBypassHook
 from .keys import Offset, parse_target
-from .regional import ForwardState
 from .slots import REFUSED, TRANSIENT, AdapterSlot, decided
 from .weights import logical_shape
 
@@ -33,6 +33,7 @@ class FusedBypassManager:
         self.slots: List[AdapterSlot] = list(slots)
         self.layout = layout  # grouped up-projections (hooks.LAYOUTS): the tests and benchmarks choose
         self.hooks: List[FusedBypassHook] = []
+        self._following: list = []  # the FollowingInjection of each create_injections (copies.py)
 
     def add_adapter(self, key: Any, adapter: Any, strength: float = 1.0,
                     offset: Optional[Offset] = None) -> AdapterSlot:
@@ -86,29 +87,14 @@ class FusedBypassManager:
 
     def create_injections(self, model: torch.nn.Module) -> list:
         """A single PatcherInjection that attaches and detaches every hook, and the forward
-        hooks that publish the patcher's token masks and LoRA switch (see :mod:`.regional`):
-        each hook is handed the source of that state."""
+        hooks that publish the patcher's token masks and LoRA switch (see :mod:`.regional`).
+        The hooks are made for ``model``; a patcher that runs a copy of it (multi-GPU, the
+        trainer's deep copy) gets hooks of its own on the copy (see :mod:`.copies`)."""
         from comfy.patcher_extension import PatcherInjection
 
-        hooks = self.create_hooks(model)
-        state = ForwardState()
-        for hook in hooks:  # each hook gets the source of its per-forward state (masks, switch)
-            hook.mask_source = state.source
-        handles: list = []
-
-        def inject(model_patcher=None):
-            for hook in hooks:
-                hook.attach()
-            if not handles:
-                handles.extend(state.watch(model, model_patcher))
-
-        def eject(model_patcher=None):
-            for hook in hooks:
-                hook.detach()
-            while handles:
-                handles.pop().remove()
-
-        return [PatcherInjection(inject=inject, eject=eject)]
+        following = FollowingInjection(model, self.create_hooks(model))
+        self._following.append(following)  # offload() reaches the copies' hooks too
+        return [PatcherInjection(inject=following.inject, eject=following.eject)]
 
     # -- what code written for stock's BypassInjectionManager calls (tests/test_parity.py walks it) --
     @property
@@ -127,5 +113,5 @@ class FusedBypassManager:
         """Upstream's ON_DETACH callback (after 0.33): trainable adapters to the patcher's offload
         device, every built form dropped, so a detached model keeps no adapter memory on its
         compute device (the next forward rebuilds them)."""
-        for hook in self.hooks:
+        for hook in self.hooks + [h for f in self._following for s in f.copies() for h in s.hooks]:
             hook._move_adapter_weights_to_device(model_patcher.offload_device)

@@ -1,6 +1,6 @@
 """The package's imports point one way, and ComfyUI start-up never loads the test kit.
 
-Runtime: keys, weights -> forms -> hooks -> names, layouts -> masks, switch -> regional -> manager -> loader
+Runtime: keys, weights -> forms -> hooks -> names, layouts -> masks, switch -> regional -> copies -> manager -> loader
 -> wrappers -> patching -> __init__.
 Self-check side: the kit/ package (trees, comfyui, models, loras, compare, gguf -> dryrun, maskview -> cli),
 run by __main__.

@@ -2,12 +2,13 @@
 model's size, ComfyUI leaves most weights to be cast at forward time; bypass must still
 equal merged loaded the same way, and unpatching must restore the base output."""
 
+import sys
+
 import comfy.sd
 import pytest
 import torch
 
 from freefuse_bypass_patch import kit as sc
-from freefuse_bypass_patch.loader import MANAGER_ATTACHMENT
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
@@ -76,12 +77,15 @@ def test_every_cast_that_reads_a_weight_is_uncast():
     bypass = comfy.sd.load_bypass_lora_for_models(base, None, dora, 0.8, 0)[0]
     cast, uncast, seen = comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight, []
 
+    def caller():  # the module that called the cast: ComfyUI's own ops pair their casts as each tree does
+        return sys._getframe(2).f_globals.get("__name__", "")
+
     def counting_cast(module, *args, **kwargs):
-        seen.append(("cast", id(module), kwargs.get("offloadable", args[4] if len(args) > 4 else False)))
+        seen.append(("cast", caller(), kwargs.get("offloadable", args[4] if len(args) > 4 else False)))
         return cast(module, *args, **kwargs)
 
     def counting_uncast(module, *args, **kwargs):
-        seen.append(("uncast", id(module), True))
+        seen.append(("uncast", caller(), True))
         return uncast(module, *args, **kwargs)
 
     comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight = counting_cast, counting_uncast
@@ -89,12 +93,10 @@ def test_every_cast_that_reads_a_weight_is_uncast():
         out, _ = _run_partially_loaded(bypass, inputs)
     finally:
         comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight = cast, uncast
-    ours = {id(h.module) for h in bypass.attachments[MANAGER_ATTACHMENT].hooks}  # the DoRAs' modules
-    assert any(kind == "cast" and m in ours for kind, m, _ in seen)  # W' was read through the cast
-    opened = [(m, k) for k, m, offloadable in seen if k == "cast" and offloadable]
-    closed = [(m, k) for k, m, _ in seen if k == "uncast"]
-    assert len(opened) == len(closed) and {m for m, _ in opened} == {m for m, _ in closed}
-    assert not [m for k, m, offloadable in seen if k == "cast" and not offloadable and m in ours], \
-        "a cast without offloadable=True (never uncast)"
+    ours = [(kind, offloadable) for kind, where, offloadable in seen if where == "freefuse_bypass_patch.weights"]
+    casts = [offloadable for kind, offloadable in ours if kind == "cast"]
+    assert casts, "W' was not read through the cast"
+    assert all(casts), "a cast without offloadable=True (never uncast)"
+    assert len(casts) == sum(1 for kind, _ in ours if kind == "uncast")
     merged, _ = _run_partially_loaded(comfy.sd.load_lora_for_models(base, None, dora, 0.8, 0)[0], inputs)
     assert sc.max_rel_diff(out, merged) <= REL_TOL

@@ -21,7 +21,8 @@ import torch
 import freefuse_bypass_patch as ffbp
 from freefuse_bypass_patch import kit as sc
 from freefuse_bypass_patch.hooks import FusedBypassHook
-from freefuse_bypass_patch.loader import MANAGER_ATTACHMENT, REPORT_ATTACHMENT, SLOTS_ATTACHMENT
+from freefuse_bypass_patch.loader import (FORK_MANAGER_ATTACHMENT, MANAGER_ATTACHMENT, REPORT_ATTACHMENT,
+                                          SLOTS_ATTACHMENT)
 from freefuse_bypass_patch.manager import FusedBypassManager
 from freefuse_bypass_patch.names import NAMES_ATTACHMENT
 from support import REL_TOL, bypass_era
@@ -37,6 +38,12 @@ def _upstream(which):
         from contextlib import nullcontext
 
         return nullcontext()
+    from comfy.weight_adapter.bypass import BypassForwardHook
+
+    params = tuple(inspect.signature(BypassForwardHook._move_adapter_weights_to_device).parameters)
+    if params[:2] != ("self", "device"):  # the 0.14.1 fork: a staticmethod (adapter, device, dtype)
+        pytest.skip("upstream's offload calls hook._move_adapter_weights_to_device(device); this tree's stock "
+                    "hook takes %s: upstream after 0.33 is emulated on upstream trees only" % (params,))
     return post_033_upstream()
 
 
@@ -135,6 +142,12 @@ def _plugin_own() -> dict:
             "callbacks": {CallbacksMP.ON_DETACH}}
 
 
+def _replaced() -> dict:
+    """What stock leaves that the plugin replaces on purpose: the 0.14.1 fork's shared manager (its
+    chaining; a chained load mutates it, so the parent patcher changes), carried over by ours."""
+    return {"attachments": {FORK_MANAGER_ATTACHMENT}} if ffbp.capabilities().native_chaining else {}
+
+
 @pytest.mark.parametrize("upstream", UPSTREAMS)
 def test_patched_loader_gives_a_patcher_what_stock_gives(upstream):
     """On a LoRA stock handles fully (kohya names: whole weights), the patched loader leaves the
@@ -150,9 +163,10 @@ def test_patched_loader_gives_a_patcher_what_stock_gives(upstream):
         finally:
             ffbp.install()
         ours = comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)[0]
-        stock_kinds, our_kinds, own = _kinds(stock), _kinds(ours), _plugin_own()
+        stock_kinds, our_kinds, own, replaced = _kinds(stock), _kinds(ours), _plugin_own(), _replaced()
         for kind in stock_kinds:
-            assert stock_kinds[kind] <= our_kinds[kind], (kind, stock_kinds[kind] - our_kinds[kind])
+            assert stock_kinds[kind] - replaced.get(kind, set()) <= our_kinds[kind], (
+                kind, stock_kinds[kind] - our_kinds[kind])
             assert our_kinds[kind] - stock_kinds[kind] <= own.get(kind, set()), (
                 kind, our_kinds[kind] - stock_kinds[kind])
         if upstream != "tree":
@@ -167,6 +181,7 @@ class _Unraisable:
     """Exceptions raised where nobody can catch them (``__del__``, callbacks at collection)."""
 
     def __enter__(self):
+        gc.collect()  # earlier tests' garbage is theirs
         self.seen, self._old = [], sys.unraisablehook
         sys.unraisablehook = lambda info: self.seen.append("%s: %r" % (info.exc_type.__name__, info.exc_value))
         return self

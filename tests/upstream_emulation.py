@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 
 import freefuse_bypass_patch as ffbp
 
@@ -67,6 +68,7 @@ def post_033_upstream():
     try:
         yield
     finally:
+        gc.collect()  # patchers made here run their ON_DETACH (upstream's offload) while it exists
         ffbp.uninstall()
         comfy.sd.load_bypass_lora_for_models = stock_loader
         if not had_offload:

@@ -22,6 +22,7 @@ this table, so what the dry run predicts is what a load does.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -186,14 +187,17 @@ def _probe_form(slot: AdapterSlot, cls: type, start: int, length: int, in_featur
 def _probe_merge(slot: AdapterSlot, shape: Sequence[int]) -> Optional[str]:
     """None if ComfyUI's merge code applies the slot to a weight of ``shape``, else its error.
 
-    On the meta device first (shapes only); an op with no meta kernel (OFT's norm check reads
-    a value) is retried on a CPU zero weight: transient, one module, at load.
+    On the meta device (shapes only, no memory). OFT and BOFT branch on a value there (``norm(q)
+    > alpha``, the constraint that rescales q), which the meta device cannot take: they are
+    probed with alpha 0, the branch-free path, whose shapes are the same. Only what still needs
+    a value is retried on a CPU zero weight (no adapter type ComfyUI ships).
     """
     import comfy.lora
 
-    patch = [(slot.strength or 1.0, slot.adapter, 1.0, slot.target.offset, slot.target.function)]
     error = None
     for device in ("meta", "cpu"):
+        adapter = slot.adapter if device == "cpu" else _without_value_branches(slot.adapter)
+        patch = [(slot.strength or 1.0, adapter, 1.0, slot.target.offset, slot.target.function)]
         weight = torch.zeros(tuple(shape), device=device, dtype=torch.float32)
         with _MergeErrors() as errors:
             try:
@@ -207,6 +211,18 @@ def _probe_merge(slot: AdapterSlot, shape: Sequence[int]) -> Optional[str]:
         if error is None or device == "cpu" or "meta" not in error.lower():
             return error
     return error
+
+
+def _without_value_branches(adapter: Any) -> Any:
+    """OFT/BOFT with alpha > 0 as the same adapter with alpha 0: the merge code then skips the
+    norm constraint, a branch on a value; every shape it checks is the same. Others as they are."""
+    weights = getattr(adapter, "weights", None)
+    if getattr(adapter, "name", None) not in ("oft", "boft") or not isinstance(weights, (tuple, list)) \
+            or len(weights) < 3 or weights[2] is None or not float(weights[2]) > 0:
+        return adapter
+    probe = copy.copy(adapter)
+    probe.weights = type(weights)(list(weights[:2]) + [0.0] + list(weights[3:]))
+    return probe
 
 
 class _MergeErrors(logging.Handler):

@@ -20,6 +20,7 @@ Conv forms are in :mod:`.conv_forms`. Which adapter gets which form, and which g
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -429,6 +430,7 @@ def form_class(adapter: Any, out_rows: int, in_features: int) -> Optional[type]:
     return DoRAForm
 
 
+@functools.lru_cache(maxsize=64)  # one probe per (function, rows): a load asks once per module
 def row_permutation(function: Callable, rows: int) -> Optional[Tuple[int, ...]]:
     """The fixed permutation of rows that a key map's diff function applies (ComfyUI's
     ``swap_scale_shift``: the two halves swapped), as ``perm`` with ``function(d) == d[perm]``;

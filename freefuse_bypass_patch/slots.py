@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 
 from .conv_forms import conv_form_class
-from .forms import DORA_INDEX, form_class, permuted_rows, row_permutation
+from .forms import DORA_INDEX, LoRAForm, form_class, permuted_rows, row_permutation
 from .keys import BypassKeyError, Target
 from .weights import unreadable
 
@@ -134,13 +134,15 @@ def _fate(slot: AdapterSlot, module: torch.nn.Module, shape: Sequence[int]) -> D
     if target.function is not None and target.offset is None and len(shape) == 2:
         perm = row_permutation(target.function, int(shape[0]))
     cls = None
+    checked = False  # a plain LoRA whose up and down were checked against the rows and the width
     if whole_rows or perm is not None:
-        _check_lora_shapes(slot, shape, length, in_features)
+        checked = _check_lora_shapes(slot, shape, length, in_features)
         cls = form_class(adapter, length, in_features) if len(shape) == 2 else conv_form_class(adapter, module, length)
         if perm is not None and cls is not None:
             cls = permuted_rows(cls, perm)
     if cls is not None and len(shape) == 2:
-        _probe_form(slot, cls, start, length, in_features, shape)
+        if not (checked and issubclass(cls, LoRAForm)):  # a plain LoRA's shape check says it all
+            _probe_form(slot, cls, start, length, in_features, shape)
         has_bias = getattr(module, "bias", None) is not None
         return Decision(FACTORED, form=cls, reads_weight=cls.needs_weight, reads_bias=has_bias and cls.reads_output)
     error = _probe_merge(slot, shape)  # conv forms too: merged checks their channels (forms follow its quirks)
@@ -154,34 +156,50 @@ def _fate(slot: AdapterSlot, module: torch.nn.Module, shape: Sequence[int]) -> D
                     reads_weight=weight_dependent(adapter))
 
 
-def _check_lora_shapes(slot: AdapterSlot, shape, length: int, in_features: int) -> None:
-    """A plain LoRA's up and down against the rows and the width they patch."""
+def _check_lora_shapes(slot: AdapterSlot, shape, length: int, in_features: int) -> bool:
+    """A plain LoRA's up and down against the rows and the width they patch: True when they were
+    checked (and fit), False when this is no plain 2-D LoRA; raises when they do not fit."""
     weights = getattr(slot.adapter, "weights", ())
     if getattr(slot.adapter, "name", None) != "lora" or len(weights) < 2 or any(
             w is not None for w in weights[3:6]):
-        return
+        return False
     up, down = weights[0], weights[1]
     if up.dim() != 2 or down.dim() != 2:
-        return
+        return False
     if up.shape[1] != down.shape[0] or up.shape[0] != length or down.shape[1] != in_features:
         raise BypassKeyError("LoRA key %r: up %s x down %s does not fit %s (needs (%d, r) x (r, %d); weight %s)"
                              % (slot.key, tuple(up.shape), tuple(down.shape), slot.target.describe(), length,
                                 in_features, tuple(shape)))
+    return True
 
 
 def _probe_form(slot: AdapterSlot, cls: type, start: int, length: int, in_features: int, shape) -> None:
-    """Build the form on one zero token: a factor that does not fit fails here, with the shapes."""
+    """Build the form on one zero token: a factor that does not fit fails here, with the shapes.
+
+    On the CPU from the factors (small); OFT and BOFT on the meta device instead, with their value
+    branch taken off as for the merge code: on the CPU they would invert every block at load. A
+    form that meta cannot build is probed again on the CPU, which decides."""
     try:
-        form = cls(slot.adapter, slot.strength, start, length, in_features, torch.device("cpu"))
-        if form.needs_weight:  # one zero column of the weight: shapes checked, no full-size work
-            form.prepare(lambda: iter([(0, 1, torch.zeros(1, length))]))
-        term = form.contribution(torch.zeros(1, in_features), torch.zeros(1, length))
-        if tuple(term.shape) != (1, length):
-            raise ValueError("its term has shape %s" % (tuple(term.shape[1:]),))
+        if getattr(slot.adapter, "name", None) in ("oft", "boft"):
+            try:
+                return _form_term(_without_value_branches(slot.adapter), slot.strength, cls, start, length,
+                                  in_features, torch.device("meta"))
+            except Exception:
+                pass
+        _form_term(slot.adapter, slot.strength, cls, start, length, in_features, torch.device("cpu"))
     except Exception as err:
         raise BypassKeyError("%s key %r: factors %s do not fit %s (weight %s): %s"
                              % (type(slot.adapter).__name__, slot.key, _factor_shapes(slot.adapter),
                                 slot.target.describe(), tuple(shape), err)) from None
+
+
+def _form_term(adapter, strength: float, cls: type, start: int, length: int, in_features: int, device) -> None:
+    form = cls(adapter, strength, start, length, in_features, device)
+    if form.needs_weight:  # one zero column of the weight: shapes checked, no full-size work
+        form.prepare(lambda: iter([(0, 1, torch.zeros(1, length, device=device))]))
+    term = form.contribution(torch.zeros(1, in_features, device=device), torch.zeros(1, length, device=device))
+    if tuple(term.shape) != (1, length):
+        raise ValueError("its term has shape %s" % (tuple(term.shape[1:]),))
 
 
 def _probe_merge(slot: AdapterSlot, shape: Sequence[int]) -> Optional[str]:

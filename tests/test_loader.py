@@ -184,3 +184,19 @@ def test_adapters_the_fork_put_on_a_patcher_are_carried_over():
     second = comfy.sd.load_bypass_lora_for_models(first, None, b, 1.0, 0)[0]
     merged = sc.chain(comfy.sd.load_lora_for_models, base, [(a, 0.7), (b, 1.0)])
     assert sc.max_rel_diff(sc.forward(second, inputs), sc.forward(merged, inputs)) <= REL_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_nonfinite_factors_are_named_once_at_load(caplog, dtype):
+    """NaN or inf in a factor (any storage dtype, fp8 included) is named at load; finite ones are not."""
+    base = sc.tiny_flux()
+    lora = {k: v.to(dtype) if v.dim() > 1 else v for k, v in sc.make_lora(base.model, "kohya", rank=4, seed=17).items()}
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)
+    assert "NaN or inf" not in caplog.text
+    bad = next(k for k in lora if k.endswith("lora_down.weight"))
+    lora[bad] = lora[bad].float().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"))).to(dtype)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)
+    assert caplog.text.count("NaN or inf factors") == 1

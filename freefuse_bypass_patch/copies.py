@@ -37,7 +37,9 @@ class HookSet:
         self._handles: list = []
 
     def attach(self, root: torch.nn.Module, patcher) -> None:
+        patches = getattr(patcher, "patches", None) or {}
         for hook in self.hooks:
+            hook.compose(patches.get(hook.weight_key, ()))  # patches added to its weight after its adapters
             hook.attach()
         if not self._handles:
             self._handles.extend(self.state.watch(root, patcher))

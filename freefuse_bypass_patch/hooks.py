@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -245,6 +246,9 @@ class FusedBypassHook:
         self._read_by_later = frozenset(s.lora for s, _ in self.form_slots[:readers[-1]]) if readers else frozenset()
         self._built: Dict[Tuple[Any, Any, FrozenSet[int]], _Built] = {}
         self._handle = None
+        self.weight_key = self.slots[0].target.weight_key
+        self._scales: Dict[int, float] = {}  # id(slot) -> the scale later patches put on its term (compose)
+        self._named = False
         self.calls = 0  # forward-hook runs: :mod:`.unhooked` tells whether a call reached the module
 
     # -- lifecycle -------------------------------------------------------------------
@@ -267,6 +271,38 @@ class FusedBypassHook:
         self._built.clear()
         if self.module.__dict__.get(ACTIVE_HOOK_ATTR) is self:
             del self.module.__dict__[ACTIVE_HOOK_ATTR]
+
+    def compose(self, patches: Sequence[tuple]) -> None:
+        """Compose the patches the patcher added to this weight after each adapter was loaded, as
+        ``calculate_weight`` composes them: a patch's ``strength_model`` scales the weight patched
+        so far (a model merge: ``ratio``), so it scales the terms of the adapters before it. Exact
+        for additive adapters (their term is linear in their strength); one that reads W' or the
+        output (DoRA, GLoRA, OFT, BOFT, a weight-reading transient) with patches after it cannot
+        be composed from the output: named once, applied as if those came before it."""
+        scales, inexact = {}, []
+        for slot in self.slots:
+            later = list(patches[slot.patched:]) if 0 <= slot.patched < len(patches) else []
+            if not later or slot in self.trainable:
+                continue
+            if _additive(slot):
+                scale = math.prod(float(p[2]) for p in later)
+                if scale != 1.0:
+                    scales[id(slot)] = scale
+            else:
+                inexact.append(slot)
+        if scales != self._scales:
+            self._scales = scales
+            self._built.clear()
+        if inexact and not self._named:
+            self._named = True
+            log.warning("[freefuse_bypass_patch] %s: %d patch(es) were added to %s after bypass adapter(s) that "
+                        "read its weight or output (%s): bypass applies those adapters as if the later patches "
+                        "came first; merged applies them in load order (load the bypass LoRA last for the "
+                        "merged result)", self.module_path, len(patches) - min(s.patched for s in inexact),
+                        self.weight_key, ", ".join(sorted({_kind(s) for s in inexact})))
+
+    def _strength(self, slot: AdapterSlot) -> float:
+        return slot.strength * self._scales.get(id(slot), 1.0)
 
     # -- what code written for stock's BypassForwardHook calls (tests/test_parity.py walks it) --
     inject = attach
@@ -366,12 +402,12 @@ class FusedBypassHook:
         """Forms in fp32 on the compute device, weight-reading ones prepared in load order, then cast."""
         form_slots = [(s, cls) for s, cls in self.form_slots if s.lora not in without]
         if not self.linear:  # conv forms: additive, each applied on its own
-            return _Built(tuple(ConvTerm(cls(s.adapter, s.strength, *out_rows(s.target, self.shape), self.module,
+            return _Built(tuple(ConvTerm(cls(s.adapter, self._strength(s), *out_rows(s.target, self.shape), self.module,
                                              device).cast(device, dtype), s.lora) for s, cls in form_slots), None)
         forms32, weight = [], None
         for slot, cls in form_slots:
             start, length = out_rows(slot.target, self.shape)
-            form = cls(slot.adapter, slot.strength, start, length, self.in_features, device)
+            form = cls(slot.adapter, self._strength(slot), start, length, self.in_features, device)
             if form.needs_weight:
                 if weight is None:  # W' as this module's forward computes with it, read once per build
                     weight = read(self.module, device)[0].reshape(self.out_features, -1)
@@ -454,7 +490,8 @@ class FusedBypassHook:
         LoRAs that are off are left out, as if they had never been loaded."""
         import comfy.lora  # the real merge code is the reference for these adapter types
 
-        slots = tuple(s for s in group.slots if s.lora not in off)
+        slots = tuple(replace(s, strength=self._strength(s)) if id(s) in self._scales else s
+                      for s in group.slots if s.lora not in off)
         if not slots:
             return
         if group.reads_weight:
@@ -485,6 +522,21 @@ class FusedBypassHook:
             out.narrow(-1, slot.target.offset[1], slot.target.offset[2]).add_(h)
             return out
         return adapter.g(out + h)
+
+
+def _additive(slot: AdapterSlot) -> bool:
+    """Is this adapter's term linear in its strength and free of W' and the output?"""
+    d = slot.decision
+    if d.fate == TRANSIENT:
+        return not d.reads_weight
+    return d.form is not None and not d.reads_weight and not getattr(d.form, "reads_output", False) \
+        and not getattr(d.form, "needs_weight", False)
+
+
+def _kind(slot: AdapterSlot) -> str:
+    return type(slot.adapter).__name__.replace("Adapter", "") + (" (DoRA)" if weight_dependent(slot.adapter) and
+                                                                 getattr(slot.adapter, "name", "") in
+                                                                 ("lora", "loha", "lokr") else "")
 
 
 def _reads_earlier(slot: AdapterSlot) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Tuple
 
@@ -116,7 +117,9 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
             continue
         if target.weight_key not in tensors:
             continue  # another model's key (the text encoder's, say)
-        slot = _decide(root, tensors, AdapterSlot(key, target, adapter, float(strength), lora=len(names)))
+        patched = len((getattr(patcher, "patches", None) or {}).get(target.weight_key, ()))  # what comes before it
+        slot = _decide(root, tensors, AdapterSlot(key, target, adapter, float(strength), lora=len(names),
+                                                  patched=patched))
         report.decisions[key] = slot.decision
         if slot.decision.fate == REFUSED:
             continue
@@ -145,6 +148,26 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
                     report.decisions[slot.key] = replace(slot.decision, fate=TRANSIENT, form=None, reason=(
                         "after a transient adapter of its module that it reads, in load order"))
     return applied
+
+
+_NAMED_LEFT_OUT: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def name_bypass_left_out(patcher) -> None:
+    """After ``get_key_patches`` on a patcher with bypass LoRAs (a model merge reading model2, a
+    save): they are forward hooks, not weight patches, so what is built from the key patches
+    goes without them. Said once per patcher."""
+    slots = (getattr(patcher, "attachments", None) or {}).get(SLOTS_ATTACHMENT)
+    if not slots or patcher in _NAMED_LEFT_OUT:
+        return
+    try:
+        _NAMED_LEFT_OUT.add(patcher)
+    except TypeError:
+        pass
+    log.warning("[freefuse_bypass_patch] the weights of a model with %d bypass adapter(s) (LoRAs %s) were read "
+                "with get_key_patches (a model merge's model2, a save): bypass LoRAs are hooks, not weight patches, "
+                "so they are not in what is built from them; load them merged (LoraLoader) to carry them",
+                len(slots), ", ".join(bypass_loras(patcher)) or "?")
 
 
 def _offload_on_detach(patcher) -> None:

@@ -192,6 +192,9 @@ def _apply(sd_module) -> None:
             _wrap(bypass.BypassInjectionManager, method, getattr(wrappers, "manager_" + method))
     if caps.input_act_linear:
         _wrap(importlib.import_module("comfy.ops"), "linear_input_act", wrappers.linear_input_act)
+    patcher_class = getattr(sys.modules.get("comfy.model_patcher"), "ModelPatcher", None)
+    if callable(getattr(patcher_class, "get_key_patches", None)):  # model merges read a model through it
+        _wrap(patcher_class, "get_key_patches", wrappers.get_key_patches)
     for problem in caps.problems:  # patchable: only what is left out (linear_input_act) can be here
         log.warning("[freefuse_bypass_patch] %s", problem)
     native = [n for n, v in (("slice offsets", caps.native_offsets), ("stacked adapters", caps.native_stacking),
@@ -249,6 +252,9 @@ def uninstall() -> None:
     ops = sys.modules.get("comfy.ops")
     if ops is not None:
         _unwrap(ops, "linear_input_act")
+    patcher_class = getattr(sys.modules.get("comfy.model_patcher"), "ModelPatcher", None)
+    if patcher_class is not None:
+        _unwrap(patcher_class, "get_key_patches")
 
 
 def is_patched() -> bool:

@@ -67,6 +67,7 @@ class AdapterSlot:
     strength: float
     lora: int = 0  # chain position of the LoRA it came from (masks, the switch)
     decision: Optional[Decision] = None
+    patched: int = -1  # patches its weight had on the patcher when it was loaded (-1: not known)
 
 
 def is_trainable(adapter: Any) -> bool:

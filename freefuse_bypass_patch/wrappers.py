@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import unhooked
 from .slots import is_trainable
 from .loader import load_bypass_lora_for_models as _load_bypass_lora
+from .loader import name_bypass_left_out
 from .manager import FusedBypassManager
 
 _OURS = "_freefuse_bypass_manager"
@@ -73,3 +74,11 @@ def manager_clear_adapters(wrapped, instance, args, kwargs):
 
 def linear_input_act(wrapped, instance, args, kwargs):
     return unhooked.linear_input_act(wrapped, *args, **kwargs)
+
+
+def get_key_patches(wrapped, instance, args, kwargs):
+    """A model's weights and patches (what model merges add to another model): its bypass LoRAs
+    are hooks, not among them; named once per patcher."""
+    result = wrapped(*args, **kwargs)
+    name_bypass_left_out(instance)
+    return result

@@ -113,3 +113,17 @@ def test_commands_find_the_comfyui_around_a_clone(tmp_path):
     assert re.search(r"^ComfyUI \S+ at %s \(around the current folder\)$" % re.escape(comfyui), check.stdout, re.M), \
         check.stdout
     assert "plugin: applies %d of %d adapter(s)" % (len(lora) // 2, len(lora) // 2) in check.stdout, check.stdout
+
+
+def test_load_benchmark_runs_as_documented():
+    """benchmarks/load_overhead.py prints one row per LoRA, stock and plugin side by side. One round:
+    no timing is asserted; the allocation columns are (the plugin's stays within 0.1x the weight)."""
+    if not HAS_BYPASS:
+        pytest.skip("the benchmark compares bypass loaders; this ComfyUI has none")
+    script = os.path.join(ROOT, "benchmarks", "load_overhead.py")
+    proc = run_python([script, "--comfyui", TREE, "--rounds", "1"], env={"PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^(diffusers LoRA|LyCORIS LoKr|OFT \(alpha 1\))\s+\d+(?:\s+\d+\.\d+){3}\s+(\d+\.\d+)\s+(\d+\.\d+)$",
+                      proc.stdout, re.M)
+    assert len(rows) == 3, proc.stdout
+    assert all(float(plugin) <= 0.1 for _, _, plugin in rows), rows

@@ -15,7 +15,6 @@ ComfyUI-GGUF comes from $COMFYUI_GGUF_PATH or ../shared/custom_nodes/ComfyUI-GGU
 import argparse
 import math
 import os
-import random
 import re
 import statistics
 import sys
@@ -89,23 +88,13 @@ def main():
     for name, sd in (("kohya", kohya), ("diffusers", diffusers), ("DoRA", dora)):
         modes["plugin, %s" % name] = bypass(quantized, None, sd, 1.0, 0)[0]
 
-    outputs, times = {}, {name: [] for name in modes}
+    outputs = {}
     with torch.inference_mode():
         for name, patcher in modes.items():
             mm.load_models_gpu([patcher])
             outputs[name] = sc.apply_model(patcher, inputs).clone()  # also the warm-up
             mm.unload_all_models()
-        order, rng = list(modes), random.Random(0)
-        for _ in range(args.rounds):
-            rng.shuffle(order)
-            for name in order:
-                mm.load_models_gpu([modes[name]])
-                sc.apply_model(modes[name], inputs)  # warm-up: the plugin builds its forms here
-                for _ in range(args.iters):
-                    start = time.perf_counter()
-                    sc.apply_model(modes[name], inputs)
-                    times[name].append(time.perf_counter() - start)
-                mm.unload_all_models()
+        times = sc.time_interleaved(modes, inputs, args.rounds, args.iters)
 
     width = max(len(name) for name in modes)
     print("\n%-*s %10s %7s %16s %16s" % (width, "mode", "median ms", "IQR %", "x merged (same)", "rel diff vs merged"))

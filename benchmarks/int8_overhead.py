@@ -17,7 +17,6 @@ Needs a ComfyUI that has ``comfy.ops.linear_input_act`` (0.30+).
 import argparse
 import math
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -79,7 +78,7 @@ def main():
     ffbp.install()
     modes["plugin"] = comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)[0]
 
-    outputs, times, kernel = {}, {name: [] for name in modes}, {}
+    outputs, kernel = {}, {}
     with torch.no_grad():  # not inference_mode: ComfyUI re-quantizing a merged INT8 weight at load fails under it
         for name, patcher in modes.items():
             mm.load_models_gpu([patcher])
@@ -87,17 +86,7 @@ def main():
                 outputs[name] = sc.apply_model(patcher, inputs).clone()  # also the warm-up
             kernel[name] = calls[0]
             mm.unload_all_models()
-        order, rng = list(modes), random.Random(0)
-        for _ in range(args.rounds):
-            rng.shuffle(order)
-            for name in order:
-                mm.load_models_gpu([modes[name]])
-                sc.apply_model(modes[name], inputs)  # warm-up: the plugin builds its forms here
-                for _ in range(args.iters):
-                    start = time.perf_counter()
-                    sc.apply_model(modes[name], inputs)
-                    times[name].append(time.perf_counter() - start)
-                mm.unload_all_models()
+        times = sc.time_interleaved(modes, inputs, args.rounds, args.iters)
 
     merged = modes["merged"]  # merged's own INT8 rounding: patches applied at cast time (lowvram) instead
     merged.patch_model(torch.device("cpu"), lowvram_model_memory=64 * 1024)

@@ -19,28 +19,9 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from freefuse_bypass_patch import kit  # noqa: E402
-
-
-class LargestNewCpuTensor(TorchDispatchMode):
-    """Bytes of the largest CPU tensor with a storage of its own created under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-        return out
 
 
 def loras(model, rank: int):
@@ -94,7 +75,7 @@ def main(argv=None):
                         ffbp.uninstall()
                     try:
                         if n == args.rounds + 1:
-                            with LargestNewCpuTensor() as watch:
+                            with kit.LargestNewCpuTensor() as watch:
                                 comfy.sd.load_bypass_lora_for_models(base, None, sd, 1.0, 0)
                             alloc[mode] = watch.largest
                         else:

@@ -2,8 +2,9 @@
 every adapter stays far below the weights it adapts, also for OFT and BOFT with alpha > 0, whose
 merge code branches on a value (``norm(q) > alpha``) that the meta device cannot take.
 
-Every CPU tensor created during the load is watched (a TorchDispatchMode; views of existing
-storage do not count); the largest must stay within 0.1x the adapted weight's bytes.
+Every CPU tensor created during the load is watched (``kit.LargestNewCpuTensor``, a
+TorchDispatchMode; views of existing storage do not count); the largest must stay within 0.1x
+the adapted weight's bytes.
 """
 
 import re
@@ -13,8 +14,6 @@ import comfy.sd
 import comfy.utils
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from freefuse_bypass_patch import kit as sc
 from freefuse_bypass_patch.loader import REPORT_ATTACHMENT
@@ -22,25 +21,6 @@ from freefuse_bypass_patch.slots import FACTORED, TRANSIENT
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
-
-
-class _LargestNewCpuTensor(TorchDispatchMode):
-    """The bytes of the largest CPU tensor with storage of its own created under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.what = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in inputs:
-                size = t.untyped_storage().nbytes()
-                if size > self.largest:
-                    self.largest, self.what = size, "%s -> %s" % (func, tuple(t.shape))
-        return out
 
 
 def _oft(kind: str, rows: int, cols: int, seed: int, block: int = 16):
@@ -56,7 +36,7 @@ def _oft(kind: str, rows: int, cols: int, seed: int, block: int = 16):
 
 def _load_watched(base, name: str, factors):
     lora = {"%s.%s" % (name, k): v for k, v in factors.items()}
-    with _LargestNewCpuTensor() as watch:
+    with sc.LargestNewCpuTensor() as watch:
         patcher = comfy.sd.load_bypass_lora_for_models(base, None, lora, 0.8, 0)[0]
     return lora, patcher, watch
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what __getattr__ gives, for type checkers and editors
     from .comfyui import default_comfyui, load_custom_node, quiet_logging, start_quietly, use_comfyui
-    from .compare import (LogCapture, apply_model, chain, compare, direct_hook_vs_merged, forward, manager_bypass,
-                          max_rel_diff, weights_snapshot, with_layout)
+    from .compare import (LargestNewCpuTensor, LogCapture, apply_model, chain, compare, direct_hook_vs_merged,
+                          forward, manager_bypass, max_rel_diff, time_interleaved, weights_snapshot, with_layout)
     from .loras import (ADAPTER_KINDS, CONVENTIONS, adapter_factors, adapter_lora, adapter_targets, family_lora,
                         key_forms, load_lora_file, lora_targets, make_lora, named_targets, random_lora, save_lora)
     from .models import (FAMILIES, FLUX_1, MODELS, RELEASED, SLICED, TINY_FLUX, TINY_SDXL, available, build_model,
@@ -44,7 +44,7 @@ _EXPORTS = {
     "loras": ("CONVENTIONS", "lora_targets", "named_targets", "make_lora", "random_lora", "family_lora", "save_lora",
               "load_lora_file", "key_forms", "ADAPTER_KINDS", "adapter_factors", "adapter_targets", "adapter_lora"),
     "compare": ("forward", "apply_model", "manager_bypass", "LogCapture", "weights_snapshot", "max_rel_diff", "chain",
-                "compare", "direct_hook_vs_merged", "with_layout"),
+                "compare", "direct_hook_vs_merged", "with_layout", "time_interleaved", "LargestNewCpuTensor"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -8,9 +8,13 @@ directly on ComfyUI versions that have no bypass loader.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from typing import Dict, Iterable, List, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .models import flux_inputs, tiny_flux
 
@@ -144,3 +148,45 @@ def direct_hook_vs_merged(lora, build, inputs) -> float:
     patcher, _ = manager_bypass(base, [(lora, 1.0)])
     merged = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0]
     return max_rel_diff(forward(patcher, inputs), forward(merged, inputs))
+
+
+def time_interleaved(modes: Dict[str, object], inputs, rounds: int, iters: int) -> Dict[str, List[float]]:
+    """Seconds per forward of each mode's patcher: ``rounds`` passes over the modes in a shuffled
+    order (seeded), each loading its patcher, one warm-up forward (the plugin builds its forms
+    there), ``iters`` timed ones, then unloading, so a shared machine's drift falls on every mode
+    alike. The caller chooses the grad mode around it."""
+    import comfy.model_management as mm
+
+    times: Dict[str, List[float]] = {name: [] for name in modes}
+    order, rng = list(modes), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            mm.load_models_gpu([modes[name]])
+            apply_model(modes[name], inputs)
+            for _ in range(iters):
+                start = time.perf_counter()
+                apply_model(modes[name], inputs)
+                times[name].append(time.perf_counter() - start)
+            mm.unload_all_models()
+    return times
+
+
+class LargestNewCpuTensor(TorchDispatchMode):
+    """Bytes of the largest CPU tensor with a storage of its own created under it (views of existing
+    storage do not count): what a load allocates, without timing or RSS noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.what = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in inputs:
+                size = t.untyped_storage().nbytes()
+                if size > self.largest:
+                    self.largest, self.what = size, "%s -> %s" % (func, tuple(t.shape))
+        return out

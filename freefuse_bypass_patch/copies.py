@@ -38,9 +38,15 @@ class HookSet:
 
     def attach(self, root: torch.nn.Module, patcher) -> None:
         patches = getattr(patcher, "patches", None) or {}
+        replayed, named = [], []
         for hook in self.hooks:
-            hook.compose(patches.get(hook.weight_key, ()))  # patches added to its weight after its adapters
+            replay, cannot = hook.compose(patches.get(hook.weight_key, ()))  # patches added after its adapters
             hook.attach()
+            if replay:
+                replayed.append(hook.module_path)
+            if cannot:
+                named.append(cannot)
+        _say(replayed, named)
         if not self._handles:
             self._handles.extend(self.state.watch(root, patcher))
 
@@ -49,6 +55,20 @@ class HookSet:
             hook.detach()
         while self._handles:
             self._handles.pop().remove()
+
+
+def _say(replayed: List[str], named: List[str]) -> None:
+    """One line for what the weights' later patches made of the bypass adapters at this inject."""
+    if replayed:
+        log.info("[freefuse_bypass_patch] %d module(s) have patches added after bypass adapters that read the "
+                 "weight or output (%s%s): composed in load order through ComfyUI's merge code in each forward "
+                 "(fp32, full-size and dropped at once)", len(replayed), ", ".join(replayed[:3]),
+                 ", ..." if len(replayed) > 3 else "")
+    if named:
+        log.warning("[freefuse_bypass_patch] patches added after bypass adapters cannot be undone from the weight "
+                    "in %d module(s): bypass applies those adapters as if the later patches came first; merged "
+                    "applies them in load order (load the bypass LoRA last for the merged result): %s",
+                    len(named), "; ".join(named))
 
 
 class FollowingInjection:

@@ -19,6 +19,9 @@ owns all of its adapters, in load order, as :mod:`.slots` decided them at load:
   every adapter after it in the module goes the same way, in load order. Adapters before it
   stay factored.
 * trainable adapters (``nn.Module``, from ComfyUI's trainer) keep their own ``h``/``g``.
+* patches added to the weight after the adapters (a merged LoRA, a model merge) are composed
+  at inject by :mod:`.later_patches`: scales on additive terms, or the module replayed in
+  load order through the merge code when an adapter that reads W' or the output has some.
 
 What a hook keeps after a forward: the factors in the compute dtype and O(out) vectors
 (:meth:`FusedBypassHook.held_bytes`), dropped when it is detached. Its manager hands it the
@@ -37,6 +40,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, S
 import torch
 import torch.nn.functional as F
 
+from . import later_patches
 from .forms import Form, add_masked, effective_columns
 from .slots import FACTORED, TRANSIENT, AdapterSlot, out_rows, weight_dependent
 from .weights import logical_shape, read, read_bias
@@ -248,7 +252,9 @@ class FusedBypassHook:
         self._handle = None
         self.weight_key = self.slots[0].target.weight_key
         self._scales: Dict[int, float] = {}  # id(slot) -> the scale later patches put on its term (compose)
-        self._named = False
+        self._replay: Optional[Tuple[int, Tuple[AdapterSlot, ...]]] = None  # see later_patches.compose
+        self._later: Tuple[tuple, ...] = ()  # the weight's patches, kept while replayed
+        self._named = self._said_replay = False
         self.calls = 0  # forward-hook runs: :mod:`.unhooked` tells whether a call reached the module
 
     # -- lifecycle -------------------------------------------------------------------
@@ -269,37 +275,30 @@ class FusedBypassHook:
         self._handle.remove()
         self._handle = None
         self._built.clear()
+        self._later = ()  # a merge's patches hold model2's weights: not kept past the sampling
         if self.module.__dict__.get(ACTIVE_HOOK_ATTR) is self:
             del self.module.__dict__[ACTIVE_HOOK_ATTR]
 
-    def compose(self, patches: Sequence[tuple]) -> None:
-        """Compose the patches the patcher added to this weight after each adapter was loaded, as
-        ``calculate_weight`` composes them: a patch's ``strength_model`` scales the weight patched
-        so far (a model merge: ``ratio``), so it scales the terms of the adapters before it. Exact
-        for additive adapters (their term is linear in their strength); one that reads W' or the
-        output (DoRA, GLoRA, OFT, BOFT, a weight-reading transient) with patches after it cannot
-        be composed from the output: named once, applied as if those came before it."""
-        scales, inexact = {}, []
-        for slot in self.slots:
-            later = list(patches[slot.patched:]) if 0 <= slot.patched < len(patches) else []
-            if not later or slot in self.trainable:
-                continue
-            if _additive(slot):
-                scale = math.prod(float(p[2]) for p in later)
-                if scale != 1.0:
-                    scales[id(slot)] = scale
-            else:
-                inexact.append(slot)
-        if scales != self._scales:
-            self._scales = scales
+    def compose(self, patches: Sequence[tuple]) -> Tuple[bool, Optional[str]]:
+        """Compose the patches the patcher added to this weight after its adapters were loaded, as
+        ``calculate_weight`` composes them (:mod:`.later_patches`): additive adapters scaled by the
+        later ``strength_model``; the module replayed through the merge code when an adapter that
+        reads W' or the output has patches after it. Returns (replayed, what cannot be composed),
+        each the first time only, for the caller's one line."""
+        plan = later_patches.compose([s for s in self.slots if s not in self.trainable], patches, _additive)
+        if plan.scales != self._scales or plan.replay != self._replay:
+            self._scales, self._replay = plan.scales, plan.replay
             self._built.clear()
-        if inexact and not self._named:
+        self._later = tuple(patches) if plan.replay is not None else ()
+        named = None
+        if plan.inexact and not self._named:
             self._named = True
-            log.warning("[freefuse_bypass_patch] %s: %d patch(es) were added to %s after bypass adapter(s) that "
-                        "read its weight or output (%s): bypass applies those adapters as if the later patches "
-                        "came first; merged applies them in load order (load the bypass LoRA last for the "
-                        "merged result)", self.module_path, len(patches) - min(s.patched for s in inexact),
-                        self.weight_key, ", ".join(sorted({_kind(s) for s in inexact})))
+            named = "%s (%s after %s: %s)" % (self.module_path, ", ".join(plan.blockers),
+                                               ", ".join(sorted({_kind(s) for s in plan.inexact})),
+                                               ", ".join(sorted({str(s.key) for s in plan.inexact})))
+        replayed = bool(plan.replay and plan.replay[1]) and not self._said_replay
+        self._said_replay = self._said_replay or replayed
+        return replayed, named
 
     def _strength(self, slot: AdapterSlot) -> float:
         return slot.strength * self._scales.get(id(slot), 1.0)
@@ -377,14 +376,22 @@ class FusedBypassHook:
             return out
         if not out.is_contiguous():
             out = out.contiguous()
-        if self.form_slots:
-            self._add_forms(self._forms_for(out, off & self._read_by_later), x, out, masks, off)
-        for group in self.transient_groups:
-            self._add_transient(group, x, out, masks, off)
+        if self._replay is not None:
+            self._add_replayed(x, out, masks, off)
+        else:
+            self._add_loaded(x, out, masks, off)
         for slot in self.trainable:
             if slot.lora not in off:
                 out = self._apply_trainable(slot, x, out)
         return out
+
+    def _add_loaded(self, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks],
+                    off: FrozenSet[int]) -> None:
+        """Every adapter as decided at load: forms, then transient groups."""
+        if self.form_slots:
+            self._add_forms(self._forms_for(out, off & self._read_by_later), x, out, masks, off)
+        for group in self.transient_groups:
+            self._add_transient(group, x, out, masks, off)
 
     def _forms_for(self, out: torch.Tensor, stale: FrozenSet[int]) -> _Built:
         """The built forms for this compute device and dtype. ``stale``: LoRAs switched off before a
@@ -488,8 +495,6 @@ class FusedBypassHook:
                        masks: Optional[LoraMasks], off: FrozenSet[int]) -> None:
         """Deltas from ComfyUI's merge code, in fp32, formed inside this forward and dropped; the
         LoRAs that are off are left out, as if they had never been loaded."""
-        import comfy.lora  # the real merge code is the reference for these adapter types
-
         slots = tuple(replace(s, strength=self._strength(s)) if id(s) in self._scales else s
                       for s in group.slots if s.lora not in off)
         if not slots:
@@ -498,16 +503,36 @@ class FusedBypassHook:
             current = read(self.module, out.device, torch.float32)[0]
             prefix = [s for s in group.prefix if s.lora not in off]
             if prefix:  # W' before the group: what the factored adapters before it add, merged here
-                current = _merge(prefix, current.clone())
+                current = later_patches.merged(prefix, current.clone())
         else:
             current = torch.zeros(self.shape, device=out.device, dtype=torch.float32)
         steps = [slots] if masks is None else [(s,) for s in slots]
         xc = x if x.dtype == out.dtype else x.to(out.dtype)
         for step in steps:
-            patched = _merge(step, current.clone())
+            patched = later_patches.merged(step, current.clone())
             delta, current = (patched.to(torch.float32) - current).to(out.dtype), patched
             term = _conv(self.module, xc, delta) if delta.dim() != 2 else F.linear(xc, delta)
             m = masks(step[0].lora) if masks is not None and len(step) == 1 else None
+            if m is not None and term.dim() == out.dim() and delta.dim() == 2:
+                term = term.reshape(-1, term.shape[-1]).mul_(m).view(out.shape)
+            out.add_(term)
+            del delta, term
+
+    def _add_replayed(self, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks],
+                      off: FrozenSet[int]) -> None:
+        """Patches after an adapter that reads W' or the output: each LoRA's delta where merged applies
+        it among them (:func:`.later_patches.replay`), formed in this forward and dropped."""
+        start, slots = self._replay
+        if not slots or all(s.lora in off for s in slots):
+            return
+        weight = read(self.module, out.device, torch.float32)[0].reshape(self.shape)
+        deltas = later_patches.replay(slots, self._later, start, weight, off, per_lora=masks is not None)
+        del weight
+        xc = x if x.dtype == out.dtype else x.to(out.dtype)
+        for lora, delta in deltas.items():
+            delta = delta.to(out.dtype)
+            term = _conv(self.module, xc, delta) if delta.dim() != 2 else F.linear(xc, delta)
+            m = masks(lora) if masks is not None else None
             if m is not None and term.dim() == out.dim() and delta.dim() == 2:
                 term = term.reshape(-1, term.shape[-1]).mul_(m).view(out.shape)
             out.add_(term)
@@ -543,14 +568,6 @@ def _reads_earlier(slot: AdapterSlot) -> bool:
     """Does this slot read what the adapters before it did (W', or the output so far)?"""
     d = slot.decision
     return d.reads_weight or (d.fate == FACTORED and d.form is not None and d.form.reads_output)
-
-
-def _merge(slots: Sequence[AdapterSlot], weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` patched by ``slots`` in order, by ComfyUI's merge code, in fp32."""
-    import comfy.lora
-
-    patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in slots]
-    return comfy.lora.calculate_weight(patches, weight, slots[0].target.weight_key, intermediate_dtype=torch.float32)
 
 
 def _columns32(weight: torch.Tensor) -> Callable[[int, int], torch.Tensor]:

@@ -118,6 +118,24 @@ def test_every_adapter_type_on_gguf_equals_merged(models, node, case):
     assert torch.equal(sc.forward(quantized, inputs), base_out)
 
 
+@pytest.mark.parametrize("kind", ["dora", "oft"])
+def test_merged_lora_after_a_bypass_reader_on_gguf(models, node, kind):
+    """Issue 20: a merged LoRA after a bypass DoRA/OFT is one of the node's own patches, applied at
+    dequantization; the replay undoes it from what the node's cast gives. == the same graph merged."""
+    quantized, reference, _, inputs = models
+    reader = sc.adapter_lora(reference.model, kind, "kohya", seed=66, limit=100)
+    lora = sc.make_lora(reference.model, "kohya", rank=4, seed=67, alpha=4)
+    before = _gguf_state(quantized, node)
+
+    def graph(base, first):
+        return comfy.sd.load_lora_for_models(first(base, None, reader, 0.8, 0)[0], None, lora, 1.0, 0)[0]
+
+    expected = sc.forward(graph(reference, comfy.sd.load_lora_for_models), inputs)
+    got = sc.forward(graph(quantized, comfy.sd.load_bypass_lora_for_models), inputs)
+    assert sc.max_rel_diff(got, expected) <= REL_TOL, kind
+    _same_state(before, _gguf_state(quantized, node))
+
+
 def test_gguf_weights_read_through_the_node(models, node):
     """What the plugin reads of a GGUF weight: the logical shape (not the state dict's block
     shape) and the node's own dequantization (not torch's dequantize() of the raw bytes)."""

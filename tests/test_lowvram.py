@@ -63,6 +63,25 @@ def test_partial_load_merged_lora_under_bypass_weight_readers(kind):
     assert sc.max_rel_diff(fully_loaded, expected) <= REL_TOL
 
 
+@pytest.mark.parametrize("kind", ["dora", "oft"])
+def test_partial_load_merged_lora_after_a_bypass_weight_reader(kind):
+    """Issue 20: the merged LoRA comes after the bypass reader and is applied at cast time; the
+    replay undoes it from the weight the cast gives, not from ``module.weight``. Reference: the
+    same graph merged, loaded the same way (fp32 rounding: REL_TOL of the output)."""
+    base = sc.tiny_flux()
+    inputs = sc.flux_inputs()
+    reader = sc.adapter_lora(base.model, kind, "kohya", seed=56, limit=20)
+    merged_lora = sc.make_lora(base.model, "kohya", rank=4, seed=57, alpha=4)
+    bypass = comfy.sd.load_lora_for_models(comfy.sd.load_bypass_lora_for_models(base, None, reader, 0.8, 0)[0],
+                                           None, merged_lora, 1.0, 0)[0]
+    everything = sc.chain(comfy.sd.load_lora_for_models, base, [(reader, 0.8), (merged_lora, 1.0)])
+    expected, _ = _run_partially_loaded(everything, inputs)
+    got, lowvram = _run_partially_loaded(bypass, inputs)
+    assert lowvram > 10
+    assert sc.max_rel_diff(got, expected) <= REL_TOL, kind
+    assert sc.max_rel_diff(sc.forward(bypass, inputs), expected) <= REL_TOL  # fully loaded: W' patched in place
+
+
 def test_every_cast_that_reads_a_weight_is_uncast():
     """Issue 20: ComfyUI's own ops pair ``cast_bias_weight(..., offloadable=True)`` with
     ``uncast_bias_weight`` (under DynamicVRAM the cast pins the module until then); so does every

@@ -84,3 +84,24 @@ def test_masks_and_the_switch_refuse_a_text_encoder_patcher():
     with pytest.raises(ffbp.LoraMaskError, match="SD1ClipModel is not supported"):
         ffbp.set_lora_masks(clip.patcher, {0: torch.ones(4)})
     assert ffbp.loras_enabled(clip.patcher) == {"lora_0": True}
+
+
+def test_merged_lora_after_a_bypass_dora_on_the_text_encoder():
+    """Issue 20 on a CLIP patcher: a merged LoRA loaded after a bypass DoRA is undone and applied
+    again after it in each forward (the replay), == both merged in that order."""
+    clip = tiny_clip()
+    dora = clip_lora(clip, 4)
+    gen = torch.Generator().manual_seed(5)
+    for name in [k[: -len(".lora_up.weight")] for k in dora if k.endswith(".lora_up.weight")]:
+        rows = dora[name + ".lora_up.weight"].shape[0]
+        dora[name + ".dora_scale"] = 1.0 + 0.2 * torch.randn(rows, 1, generator=gen)
+    lora = clip_lora(clip, 6)
+    base_out = encode(clip)
+    merged = comfy.sd.load_lora_for_models(None, comfy.sd.load_lora_for_models(None, clip, dora, 0, 0.8)[1],
+                                           lora, 0, 1.0)[1]
+    bypass = comfy.sd.load_lora_for_models(None, comfy.sd.load_bypass_lora_for_models(None, clip, dora, 0, 0.8)[1],
+                                           lora, 0, 1.0)[1]
+    merged_out = encode(merged)
+    assert sc.max_rel_diff(merged_out, encode(comfy.sd.load_lora_for_models(None, clip, lora, 0, 1.0)[1])) > 0.05
+    assert sc.max_rel_diff(encode(bypass), merged_out) <= REL_TOL
+    assert torch.equal(encode(clip), base_out)

@@ -2,6 +2,7 @@
 
     python benchmarks/adapter_overhead.py [--adapter all|lokr|loha|dora|oft|boft|glora[,...]]
         [--config cpu|dev|tiny] [--modes merged,stock,plugin] [--forwards N] [--comfyui PATH]
+        [--then-merged-lora]
 
 A Flux built by ComfyUI's own classes (``kit.tiny_flux``) gets ONE adapter of the
 given type on every attention/MLP linear (the ``ATTN_MLP`` targets of bypass_overhead.py),
@@ -122,6 +123,14 @@ def adapter_lora(model, kind, dtype, seed=1):
                            **FACTORS[kind])
 
 
+def later_lora(args, base, cfg):
+    """``--then-merged-lora``: a plain LoRA (rank 16) on the same weights, loaded merged after the adapter."""
+    if not args.then_merged_lora:
+        return None
+    return sc.adapter_lora(base.model, "lora", seed=2, targets=attn_mlp_targets(base.model), dtype=cfg["dtype"],
+                           rank=RANK, scale=0.02, alpha=RANK)
+
+
 # -- one case -------------------------------------------------------------------------
 class RssMeter:
     """Peak resident memory since ``start``: VmHWM after resetting it through /proc/self/clear_refs."""
@@ -170,8 +179,9 @@ class CudaMeter:
         pass
 
 
-def measure(base, inputs, lora, mode, forwards, meter):
-    """Attach ``lora`` in ``mode`` (or nothing for "base"), load, forward 2 + ``forwards`` times.
+def measure(base, inputs, lora, mode, forwards, meter, after=None):
+    """Attach ``lora`` in ``mode`` (or nothing for "base"), then ``after`` merged (a plain LoRA,
+    ``--then-merged-lora``), load, forward 2 + ``forwards`` times.
 
     Returns (result dict, output of the last forward or None). An exception in the loader
     or a forward is reported as ``error``; what was measured until then is kept.
@@ -197,6 +207,8 @@ def measure(base, inputs, lora, mode, forwards, meter):
     try:
         start = clock()
         patcher = base if mode == "base" else loader(base, None, lora, 1.0, 0)[0]
+        if after is not None:  # merged after the adapter: the plugin replays modules that read W'
+            patcher = comfy.sd.load_lora_for_models(patcher, None, after, 1.0, 0)[0]
         mm.load_models_gpu([patcher])
         result["load_ms"] = (clock() - start) * 1e3
         with torch.inference_mode():
@@ -251,7 +263,7 @@ def run_child(args, cfg):
     kind, mode = args.case.split(":")
     base, inputs, info = setup(args, cfg, torch.device("cpu"))
     lora = adapter_lora(base.model, kind, cfg["dtype"]) if mode != "base" else None
-    result, out = measure(base, inputs, lora, mode, args.forwards, RssMeter())
+    result, out = measure(base, inputs, lora, mode, args.forwards, RssMeter(), later_lora(args, base, cfg))
     if out is not None:  # after measuring: the file write is not in the peak
         torch.save(out, os.path.join(args.outdir, "%s_%s.pt" % (kind, mode)))
     print("CASE " + json.dumps(dict(result, kind=kind, **info)), flush=True)
@@ -270,7 +282,7 @@ def run_cases_in_subprocesses(args, cases):
         for kind, mode in cases:
             cmd = [sys.executable, os.path.abspath(__file__), "--case", "%s:%s" % (kind, mode), "--outdir", outdir,
                    "--config", args.config, "--comfyui", args.comfyui, "--forwards", str(args.forwards),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads)] + (["--then-merged-lora"] if args.then_merged_lora else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CASE ")), None)
             if line is None:
@@ -286,13 +298,13 @@ def run_cases_in_process(args, cfg, device, cases):
     base, inputs, info = setup(args, cfg, device)
     meter = CudaMeter() if device.type == "cuda" else RssMeter()
     sc.forward(base, inputs)  # unmeasured: one-time allocations (cuBLAS workspaces) do not land on base
-    loras = {}
+    loras, after = {}, later_lora(args, base, cfg)
     for kind, mode in cases:
         if mode != "base" and kind not in loras:
             loras.clear()
             gc.collect()
             loras[kind] = adapter_lora(base.model, kind, cfg["dtype"])
-        result, out = measure(base, inputs, loras.get(kind), mode, args.forwards, meter)
+        result, out = measure(base, inputs, loras.get(kind), mode, args.forwards, meter, after)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         yield dict(result, kind=kind, **info), out
@@ -393,6 +405,9 @@ def main():
     parser.add_argument("--comfyui", help="ComfyUI tree (default: as for `python -m freefuse_bypass_patch check`)")
     parser.add_argument("--in-process", action="store_true", help="on CPU too, run every case in this process "
                         "(memory numbers then less isolated; for checking the CUDA path without a GPU)")
+    parser.add_argument("--then-merged-lora", action="store_true", help="in every mode (base too), a plain LoRA "
+                        "loaded merged after the adapter (a chain merged applies in order: the plugin replays the "
+                        "modules whose adapter reads W' or the output)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--outdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -433,7 +448,11 @@ def main():
         if len(rows) == len(modes):
             table[kind] = print_kind(kind, rows, outs, base_row, base_out, base_row["adapted_bytes"])
             rows, outs = {}, {}
-    print_targets(device, table, base_row["adapted_bytes"])
+    if args.then_merged_lora:  # issue 8's targets are for an adapter alone
+        print("(--then-merged-lora: DoRA/GLoRA/OFT/BOFT are replayed through the merge code in each forward, "
+              "fp32 and full-size, as a transient adapter; issue 8's targets do not apply)")
+    else:
+        print_targets(device, table, base_row["adapted_bytes"])
     if device.type == "cpu":
         print("(CPU timings are noisy on a shared machine; %s)" % ("memory is not isolated in one process"
               if args.in_process else "memory is measured per process and repeats within a few MiB"))

@@ -146,6 +146,7 @@ def replay(slots: Sequence[AdapterSlot], patches: Sequence[tuple], start: int, w
             continue
         current = base + sum(deltas.values()) if deltas else base.clone()
         delta = merged((slot,), current.clone()).sub_(current)
+        del current
         group = slot.lora if per_lora else 0
         deltas[group] = deltas[group].add_(delta) if group in deltas else delta
     _redo(patches[cursor:], base, deltas, key)

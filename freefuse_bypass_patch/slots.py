@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
+from . import form_shapes
 from .conv_forms import conv_form_class
 from .forms import DORA_INDEX, LoRAForm, form_class, permuted_rows, row_permutation
 from .keys import BypassKeyError, Target
@@ -142,7 +143,8 @@ def _fate(slot: AdapterSlot, module: torch.nn.Module, shape: Sequence[int]) -> D
         if perm is not None and cls is not None:
             cls = permuted_rows(cls, perm)
     if cls is not None and len(shape) == 2:
-        if not (checked and issubclass(cls, LoRAForm)):  # a plain LoRA's shape check says it all
+        # a plain LoRA's shape check says it all; other shapes known to fit need no probe either
+        if not (checked and issubclass(cls, LoRAForm)) and not form_shapes.fits(cls, adapter, length, in_features):
             _probe_form(slot, cls, start, length, in_features, shape)
         has_bias = getattr(module, "bias", None) is not None
         return Decision(FACTORED, form=cls, reads_weight=cls.needs_weight, reads_bias=has_bias and cls.reads_output)
@@ -322,4 +324,5 @@ def decided(slot: AdapterSlot, module: Optional[torch.nn.Module], weight_shape: 
     """``slot`` with its decision (kept when it has one: a chain's earlier LoRAs were decided at their load)."""
     if slot.decision is not None:
         return slot
-    return replace(slot, decision=decide(slot, module, weight_shape, can_merge))
+    return AdapterSlot(slot.key, slot.target, slot.adapter, slot.strength, slot.lora,
+                       decide(slot, module, weight_shape, can_merge), slot.patched)  # replace(), without its cost

@@ -4,8 +4,9 @@ For every adapter on every target (whole weight, output slice, input slice, diff
 of every module (Linear, Conv1d/2d/3d, anything else), :func:`decide` returns one
 :class:`Decision`:
 
-* ``factored``: a form of :mod:`.forms`/:mod:`.conv_forms`, built from the factors only and
-  probed here on one zero token, so a factor that does not fit fails now, not in a forward;
+* ``factored``: a form of :mod:`.forms`/:mod:`.conv_forms`, built from the factors only; factors
+  of the shapes the form takes (:mod:`.form_shapes`) are known to fit, any others are probed here
+  on one zero token, so a factor that does not fit fails now, not in a forward;
   ComfyUI's trainable adapters (``nn.Module``) keep their own ``h``/``g`` under this fate;
 * ``transient``: no factored form; ComfyUI's merge code forms the delta inside each forward
   (fp32, dropped at once). It is run here once on the meta device (no memory; on the CPU for

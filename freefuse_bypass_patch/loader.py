@@ -61,25 +61,42 @@ def previous_slots(patcher) -> Tuple[AdapterSlot, ...]:
 
 
 def model_tensors(root: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``root`` by state-dict name (the keys stock bypass matches).
+    """Every parameter and buffer of ``root`` by state-dict name (the keys stock bypass matches)."""
+    return model_index(root)[0]
 
-    Not ``root.state_dict()``: a custom node may return stand-ins there (ComfyUI-GGUF gives
-    meta tensors in the quantized storage shape); the tensors themselves carry the shape the
-    module computes with.
+
+def model_index(root: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.nn.Module]]:
+    """Every parameter and buffer of ``root`` by state-dict name, and every module by path, from
+    one walk of the tree (a lookup per adapter was a large part of a load).
+
+    Tensors as ``named_buffers``/``named_parameters`` give them, not ``root.state_dict()``: a
+    custom node may return stand-ins there (ComfyUI-GGUF gives meta tensors in the quantized
+    storage shape); the tensors themselves carry the shape the module computes with.
     """
-    tensors = dict(root.named_buffers(remove_duplicate=False))
-    tensors.update(root.named_parameters(remove_duplicate=False))
-    return tensors
+    buffers, parameters, modules = {}, {}, {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        modules[path] = module
+        prefix = path + "." if path else ""
+        for name, tensor in module._buffers.items():  # what named_buffers/named_parameters walk
+            if tensor is not None:
+                buffers[prefix + name] = tensor
+        for name, tensor in module._parameters.items():
+            if tensor is not None:
+                parameters[prefix + name] = tensor
+    buffers.update(parameters)
+    return buffers, modules
 
 
-def _owner(root: torch.nn.Module, target: Target, tensor: torch.Tensor):
+def _owner(root: torch.nn.Module, modules: Dict[str, torch.nn.Module], target: Target, tensor: torch.Tensor):
     """The module whose ``weight`` is ``tensor``, or None (a LoRA on a buffer or a bias-like param)."""
     if not target.weight_key.endswith(".weight"):
         return None
-    try:
-        module = root.get_submodule(target.module_path)
-    except AttributeError:
-        return None
+    module = modules.get(target.module_path)
+    if module is None:
+        try:
+            module = root.get_submodule(target.module_path)
+        except AttributeError:
+            return None
     return module if getattr(module, "weight", None) is tensor else None
 
 
@@ -104,11 +121,11 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
     earlier = previous_slots(patcher)
     if not adapters and not earlier:
         return applied
-    tensors = model_tensors(root)
+    tensors, modules = model_index(root)
     names = tuple(bypass_loras(patcher)) or (("lora_0",) if earlier else ())
     name = next_name(names)  # raises before anything changes if the caller's name is taken
-    earlier = tuple(_decide(root, tensors, slot) for slot in earlier)  # the 0.14.1 fork's were not decided
-    new_slots, merged = [], {}
+    earlier = tuple(_decide(root, tensors, modules, slot) for slot in earlier)  # the 0.14.1 fork's were not decided
+    new_slots, merged, bypassed = [], {}, []
     for key, adapter in adapters.items():
         try:
             target = parse_target(key)
@@ -118,7 +135,7 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
         if target.weight_key not in tensors:
             continue  # another model's key (the text encoder's, say)
         patched = len((getattr(patcher, "patches", None) or {}).get(target.weight_key, ()))  # what comes before it
-        slot = _decide(root, tensors, AdapterSlot(key, target, adapter, float(strength), lora=len(names),
+        slot = _decide(root, tensors, modules, AdapterSlot(key, target, adapter, float(strength), lora=len(names),
                                                   patched=patched))
         report.decisions[key] = slot.decision
         if slot.decision.fate == REFUSED:
@@ -127,10 +144,11 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
         if slot.decision.fate == MERGED:
             merged[key] = adapter
             continue
-        if not _finite(adapter):
-            log.warning("[freefuse_bypass_patch] LoRA key %r has NaN or inf factors; applied as given", key)
+        bypassed.append((key, adapter))
         if strength != 0:
             new_slots.append(slot)
+    for key in _nonfinite(bypassed):
+        log.warning("[freefuse_bypass_patch] LoRA key %r has NaN or inf factors; applied as given", key)
     if merged:
         patcher.add_patches(merged, strength)
     slots = earlier + tuple(new_slots)
@@ -139,7 +157,7 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
     if new_slots or earlier:
         patcher.set_attachments(SLOTS_ATTACHMENT, slots)
         manager = FusedBypassManager(slots)
-        patcher.set_injections(INJECTION_KEY, manager.create_injections(root))
+        patcher.set_injections(INJECTION_KEY, manager.create_injections(root, modules))
         patcher.set_attachments(MANAGER_ATTACHMENT, manager)
         _offload_on_detach(patcher)
         for hook in manager.hooks:  # a form after a transient adapter that it reads runs in the merge code
@@ -192,24 +210,48 @@ def offload_bypass(patcher, unpatch_all: bool = True) -> None:
         manager.offload(patcher, unpatch_all)
 
 
-def _decide(root, tensors: Dict[str, torch.Tensor], slot: AdapterSlot) -> AdapterSlot:
+def _decide(root, tensors: Dict[str, torch.Tensor], modules: Dict[str, torch.nn.Module],
+            slot: AdapterSlot) -> AdapterSlot:
     tensor = tensors.get(slot.target.weight_key)
     if tensor is None:  # an earlier slot whose weight this model does not have: the manager says so
         return slot
-    return decided(slot, _owner(root, slot.target, tensor), logical_shape(tensor))
+    return decided(slot, _owner(root, modules, slot.target, tensor), logical_shape(tensor))
+
+
+def _nonfinite(pairs: List[Tuple[Any, Any]]) -> List[Any]:
+    """The keys of the ``(key, adapter)`` pairs with NaN or inf in their factors.
+
+    One sum per distinct factor, the sums checked at once: a sum is finite only when
+    every element is (NaN and inf carry through); a non-finite one (that, or finite values
+    that overflow) sends every adapter to the exact per-factor check. A check per factor was
+    most of a plain LoRA's load time."""
+    tensors = {}
+    for _, adapter in pairs:
+        for tensor in _factors(adapter):
+            tensors[id(tensor)] = tensor
+    sums: Dict[torch.device, list] = {}  # stacked per device
+    for t in tensors.values():
+        sums.setdefault(t.device, []).append(t.sum() if t.element_size() > 1 else t.to(torch.float32).sum())
+    if all(bool(torch.isfinite(torch.stack(on_device)).all()) for on_device in sums.values()):
+        return []
+    return [key for key, adapter in pairs if not _finite(adapter)]
+
+
+def _factors(adapter):
+    """The floating-point factors with values (a meta tensor, in a dry run, has none)."""
+    weights = getattr(adapter, "weights", None) or ()
+    return [w for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point()
+            and w.device.type != "meta" and w.numel() > 0]
 
 
 def _finite(adapter) -> bool:
     """No NaN or inf in the factors: their min and max (``aminmax`` carries NaN and inf through).
     ``isfinite(...).all()`` on bf16 factors was half of a load's time; fp8 has no kernel for
-    either, so it is upcast; a meta tensor (a dry run) has no values to check."""
-    weights = getattr(adapter, "weights", None) or ()
-    return all(_finite_tensor(w) for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point())
+    either, so it is upcast."""
+    return all(_finite_tensor(w) for w in _factors(adapter))
 
 
 def _finite_tensor(tensor: torch.Tensor) -> bool:
-    if tensor.device.type == "meta" or tensor.numel() == 0:
-        return True
     lo, hi = torch.aminmax(tensor if tensor.element_size() > 1 else tensor.to(torch.float32))
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
@@ -51,12 +51,14 @@ class FusedBypassManager:
             grouped.setdefault(slot.target.module_path, []).append(slot)
         return grouped
 
-    def create_hooks(self, model: torch.nn.Module) -> List[FusedBypassHook]:
-        """One hook per module; slots whose module is missing, or that are refused, are logged and left out."""
+    def create_hooks(self, model: torch.nn.Module,
+                     modules: Optional[Mapping[str, torch.nn.Module]] = None) -> List[FusedBypassHook]:
+        """One hook per module; slots whose module is missing, or that are refused, are logged and left out.
+        ``modules``: ``model``'s modules by path, when the caller has them (the loader walked the tree)."""
         hooks, transient = [], collections.Counter()
         for path, slots in self.by_module().items():
             try:
-                module = model.get_submodule(path)
+                module = modules[path] if modules is not None and path in modules else model.get_submodule(path)
             except AttributeError:
                 log.warning("[freefuse_bypass_patch] no module %r in %s; %d adapter(s) not applied",
                             path, type(model).__name__, len(slots))
@@ -69,7 +71,8 @@ class FusedBypassManager:
             fitting = []
             for slot in slots:
                 fresh = slot.decision is None  # a loader's slots were decided, and logged, at their load
-                slot = decided(slot, module, logical_shape(weight), can_merge=False)
+                if fresh:
+                    slot = decided(slot, module, logical_shape(weight), can_merge=False)
                 if slot.decision.fate == REFUSED:
                     level = logging.WARNING if slot.decision.unreadable else logging.ERROR
                     log.log(level, "[freefuse_bypass_patch] %s; adapter not applied", slot.decision.reason)
@@ -85,14 +88,15 @@ class FusedBypassManager:
         self.hooks = hooks
         return hooks
 
-    def create_injections(self, model: torch.nn.Module) -> list:
+    def create_injections(self, model: torch.nn.Module,
+                          modules: Optional[Mapping[str, torch.nn.Module]] = None) -> list:
         """A single PatcherInjection that attaches and detaches every hook, and the forward
         hooks that publish the patcher's token masks and LoRA switch (see :mod:`.regional`).
         The hooks are made for ``model``; a patcher that runs a copy of it (multi-GPU, the
         trainer's deep copy) gets hooks of its own on the copy (see :mod:`.copies`)."""
         from comfy.patcher_extension import PatcherInjection
 
-        following = FollowingInjection(model, self.create_hooks(model))
+        following = FollowingInjection(model, self.create_hooks(model, modules))
         self._following.append(following)  # offload() reaches the copies' hooks too
         return [PatcherInjection(inject=following.inject, eject=following.eject)]
 

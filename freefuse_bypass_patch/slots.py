@@ -4,8 +4,9 @@ For every adapter on every target (whole weight, output slice, input slice, diff
 of every module (Linear, Conv1d/2d/3d, anything else), :func:`decide` returns one
 :class:`Decision`:
 
-* ``factored``: a form of :mod:`.forms`/:mod:`.conv_forms`, built from the factors only and
-  probed here on one zero token, so a factor that does not fit fails now, not in a forward;
+* ``factored``: a form of :mod:`.forms`/:mod:`.conv_forms`, built from the factors only; factors
+  of the shapes the form takes (:mod:`.form_shapes`) are known to fit, any others are probed here
+  on one zero token, so a factor that does not fit fails now, not in a forward;
   ComfyUI's trainable adapters (``nn.Module``) keep their own ``h``/``g`` under this fate;
 * ``transient``: no factored form; ComfyUI's merge code forms the delta inside each forward
   (fp32, dropped at once). It is run here once on the meta device (no memory; on the CPU for
@@ -30,6 +31,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
+from . import form_shapes
 from .conv_forms import conv_form_class
 from .forms import DORA_INDEX, LoRAForm, form_class, permuted_rows, row_permutation
 from .keys import BypassKeyError, Target
@@ -142,7 +144,8 @@ def _fate(slot: AdapterSlot, module: torch.nn.Module, shape: Sequence[int]) -> D
         if perm is not None and cls is not None:
             cls = permuted_rows(cls, perm)
     if cls is not None and len(shape) == 2:
-        if not (checked and issubclass(cls, LoRAForm)):  # a plain LoRA's shape check says it all
+        # a plain LoRA's shape check says it all; other shapes known to fit need no probe either
+        if not (checked and issubclass(cls, LoRAForm)) and not form_shapes.fits(cls, adapter, length, in_features):
             _probe_form(slot, cls, start, length, in_features, shape)
         has_bias = getattr(module, "bias", None) is not None
         return Decision(FACTORED, form=cls, reads_weight=cls.needs_weight, reads_bias=has_bias and cls.reads_output)
@@ -322,4 +325,5 @@ def decided(slot: AdapterSlot, module: Optional[torch.nn.Module], weight_shape: 
     """``slot`` with its decision (kept when it has one: a chain's earlier LoRAs were decided at their load)."""
     if slot.decision is not None:
         return slot
-    return replace(slot, decision=decide(slot, module, weight_shape, can_merge))
+    return AdapterSlot(slot.key, slot.target, slot.adapter, slot.strength, slot.lora,
+                       decide(slot, module, weight_shape, can_merge), slot.patched)  # replace(), without its cost

@@ -32,7 +32,7 @@ _COMPUTE_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def logical_shape(tensor: torch.Tensor) -> Tuple[int, ...]:
     """The shape a module computes with (GGUF: ``tensor_shape``, not the block storage)."""
-    return tuple(int(n) for n in tensor.shape)
+    return tuple(map(int, tensor.shape))
 
 
 def _plain(tensor: Optional[torch.Tensor]) -> bool:

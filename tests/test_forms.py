@@ -209,3 +209,75 @@ def test_boft_composite_blocks_and_stage_by_stage_agree_with_merged(max_group, m
     assert rel <= REL_TOL
     built = [seg.form for h in manager.hooks for seg in h._build(torch.device("cpu"), torch.float32, False).segments]
     assert built and all((f.blocks is not None) == (max_group == 512) for f in built)
+
+
+def _shape_grid():
+    """(adapter type, weights) for a (12, 8) Linear: the shapes each form takes, and near misses
+    (a transposed or one-off factor, a rank that does not chain, a non-square or broadcastable
+    block, a stage count the rows cannot pair, a rescale of the wrong length)."""
+    import itertools
+
+    t = torch.ones
+    out = []
+    for up, down in itertools.product([(12, 2), (12, 3), (11, 2), (12, 0), (1, 2)], [(2, 8), (3, 8), (2, 7), (0, 8)]):
+        for dora in (None, t(12, 1), t(1, 8)):
+            out.append(("LoRAAdapter", (t(*up), t(*down), 2.0, None, dora, None)))
+    for a1, b1, a2, b2 in itertools.product([(12, 2), (11, 2), (1, 2)], [(2, 8), (3, 8)], [(12, 3), (4, 3)],
+                                            [(3, 8), (3, 7), (3, 1)]):
+        for dora in (None, t(12, 1)):
+            out.append(("LoHaAdapter", (t(*a1), t(*b1), 2.0, t(*a2), t(*b2), None, None, dora)))
+    lokr_w1 = [dict(w1=(3, 2)), dict(w1=(4, 2)), dict(w1a=(3, 1), w1b=(1, 2)), dict(w1a=(3, 2), w1b=(1, 2)),
+               dict(w1a=(3, 0), w1b=(0, 2))]
+    lokr_w2 = [dict(w2=(4, 4)), dict(w2=(4, 3)), dict(w2=(4, 4, 1)), dict(w2a=(4, 2), w2b=(2, 4)),
+               dict(w2a=(4, 1), w2b=(2, 4)), dict(w2a=(4, 0), w2b=(0, 4))]
+    for one, two in itertools.product(lokr_w1, lokr_w2):
+        f = {k: t(*v) for k, v in {**one, **two}.items()}
+        for alpha, dora in ((2.0, None), (None, None), (2.0, t(12, 1))):
+            out.append(("LoKrAdapter", (f.get("w1"), f.get("w2"), alpha, f.get("w1a"), f.get("w1b"), f.get("w2a"),
+                                        f.get("w2b"), None, dora)))
+    for blocks in [(3, 4, 4), (4, 3, 3), (2, 6, 6), (3, 4, 1), (3, 1, 4), (3, 4, 3), (12, 1, 1)]:
+        for alpha, dora in ((0.0, None), (1.0, None), (None, None), (1.0, t(12, 1))):
+            out.append(("OFTAdapter", (torch.randn(*blocks) * 0.1, None, alpha, dora)))
+    for blocks in [(1, 3, 4, 4), (2, 3, 4, 4), (3, 3, 4, 4), (2, 6, 2, 2), (1, 4, 3, 3), (2, 4, 3, 3), (2, 3, 4, 3),
+                   (1, 12, 1, 1), (2, 2, 6, 6)]:
+        for rescale in (None, t(12, 1), t(11, 1)):
+            out.append(("BOFTAdapter", (torch.randn(*blocks) * 0.1, rescale, 1.0, None)))
+    return out
+
+
+def test_shape_check_skips_only_probes_that_pass():
+    """form_shapes.fits answers True only where the form probe passes (so a factor that does not fit
+    is still refused at load, by the probe, with its shapes); and it is True for the shapes each
+    form takes, so those loads skip the probe."""
+    import comfy.weight_adapter as wa
+
+    from freefuse_bypass_patch import form_shapes, slots
+    from freefuse_bypass_patch.keys import BypassKeyError, parse_target
+
+    target = parse_target("diffusion_model.x.weight")
+    counts = {"fits": 0, "probed ok": 0, "refused": 0}
+    for kind, weights in _shape_grid():
+        adapter = getattr(wa, kind)(set(), weights)
+        cls = forms.form_class(adapter, 12, 8)
+        if cls is None:
+            continue
+        slot = slots.AdapterSlot("k", target, adapter, 0.7)
+        fits = form_shapes.fits(cls, adapter, 12, 8)
+        try:
+            slots._probe_form(slot, cls, 0, 12, 8, (12, 8))
+            probed = True
+        except BypassKeyError as err:
+            assert "'k'" in str(err) and "(12, 8)" in str(err)
+            probed = False
+        assert probed or not fits, (kind, [tuple(w.shape) for w in weights if isinstance(w, torch.Tensor)])
+        counts["fits" if fits else "probed ok" if probed else "refused"] += 1
+    assert min(counts.values()) > 0, counts
+    square = [("OFTAdapter", (torch.zeros(3, 4, 4), None, 1.0, None)),
+              ("BOFTAdapter", (torch.zeros(2, 6, 2, 2), torch.ones(12, 1), 1.0, None)),
+              ("LoKrAdapter", (torch.ones(3, 2), None, 2.0, None, None, torch.ones(4, 2), torch.ones(2, 4), None, None)),
+              ("LoHaAdapter", (torch.ones(12, 2), torch.ones(2, 8), 2.0, torch.ones(12, 2), torch.ones(2, 8),
+                               None, None, None)),
+              ("LoRAAdapter", (torch.ones(12, 2), torch.ones(2, 8), 2.0, None, torch.ones(12, 1), None))]
+    for kind, weights in square:
+        adapter = getattr(wa, kind)(set(), weights)
+        assert form_shapes.fits(forms.form_class(adapter, 12, 8), adapter, 12, 8), kind

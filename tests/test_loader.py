@@ -200,3 +200,17 @@ def test_nonfinite_factors_are_named_once_at_load(caplog, dtype):
     with caplog.at_level(logging.WARNING):
         comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)
     assert caplog.text.count("NaN or inf factors") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_factors_whose_sum_overflows_are_not_named(caplog, dtype):
+    """The load's one-pass check sums each factor; a sum that overflows on finite values goes to
+    the exact per-factor check, which names nothing."""
+    base = sc.tiny_flux()
+    lora = {k: v.to(dtype) if v.dim() > 1 else v for k, v in sc.make_lora(base.model, "kohya", rank=4, seed=18).items()}
+    big = next(k for k in lora if k.endswith("lora_down.weight"))
+    lora[big] = torch.full_like(lora[big], 3e38)
+    assert not torch.isfinite(lora[big].sum())
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_bypass_lora_for_models(base, None, lora, 1.0, 0)
+    assert "NaN or inf" not in caplog.text

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -38,15 +38,15 @@ class HookSet:
 
     def attach(self, root: torch.nn.Module, patcher) -> None:
         patches = getattr(patcher, "patches", None) or {}
-        replayed, named = [], []
+        composed, named = {"factored": [], "replayed": []}, []
         for hook in self.hooks:
-            replay, cannot = hook.compose(patches.get(hook.weight_key, ()))  # patches added after its adapters
+            how, cannot = hook.compose(patches.get(hook.weight_key, ()))  # patches added after its adapters
             hook.attach()
-            if replay:
-                replayed.append(hook.module_path)
+            if how:
+                composed[how].append(hook.module_path)
             if cannot:
                 named.append(cannot)
-        _say(replayed, named)
+        _say(composed, named)
         if not self._handles:
             self._handles.extend(self.state.watch(root, patcher))
 
@@ -57,13 +57,17 @@ class HookSet:
             self._handles.pop().remove()
 
 
-def _say(replayed: List[str], named: List[str]) -> None:
+def _say(composed: Dict[str, List[str]], named: List[str]) -> None:
     """One line for what the weights' later patches made of the bypass adapters at this inject."""
-    if replayed:
-        log.info("[freefuse_bypass_patch] %d module(s) have patches added after bypass adapters that read the "
-                 "weight or output (%s%s): composed in load order through ComfyUI's merge code in each forward "
-                 "(fp32, full-size and dropped at once)", len(replayed), ", ".join(replayed[:3]),
-                 ", ..." if len(replayed) > 3 else "")
+    how = {"factored": "the later merged LoRAs undone and redone around the adapters in their factored forms "
+                       "(no full-size work)",
+           "replayed": "composed in load order through ComfyUI's merge code in each forward (fp32, full-size and "
+                       "dropped at once)"}
+    for kind, paths in composed.items():
+        if paths:
+            log.info("[freefuse_bypass_patch] %d module(s) have patches added after bypass adapters that read the "
+                     "weight or output (%s%s): %s", len(paths), ", ".join(paths[:3]), ", ..." if len(paths) > 3 else "",
+                     how[kind])
     if named:
         log.warning("[freefuse_bypass_patch] patches added after bypass adapters cannot be undone from the weight "
                     "in %d module(s): bypass applies those adapters as if the later patches came first; merged "

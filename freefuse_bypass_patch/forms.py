@@ -521,24 +521,39 @@ def _plain_class(name, v, adapter, out_rows, in_features):
 
 
 def effective_columns(weight32: Callable[[int, int], torch.Tensor], in_features: int,
-                      earlier: Sequence[Form], rows: Tuple[int, int], chunk: int = 1024) -> Columns:
+                      earlier: Sequence[Form], rows: Tuple[int, int], chunk: int = 1024,
+                      out_features: int = 0) -> Columns:
     """Column chunks of W' (the weight patched by ``earlier``) on ``rows``: (c0, c1, (cols, length)).
 
-    ``weight32(c0, c1)`` gives W[:, c0:c1] in fp32. Each earlier form is applied to the unit
-    inputs e_c0 … e_c1 exactly as in a forward, so any mix of adapter types composes.
+    ``weight32(c0, c1)`` gives W[:, c0:c1] in fp32. With earlier forms a chunk is a copy, kept to
+    about 4 MiB (given ``out_features``), in the weight's own row order: additive low-rank forms
+    add up·down[:, c0:c1] to it; any other form is applied to the unit inputs e_c0 … e_c1 exactly
+    as in a forward, so any mix of adapter types composes.
     """
+    if earlier and out_features:
+        chunk = max(64, min(chunk, (1 << 20) // out_features))
+    pairs = [form.low_rank() if not (form.reads_output or form.needs_weight) else None for form in earlier]
+
     def gen():
+        eye = None
         for c0 in range(0, in_features, chunk):
             c1 = min(in_features, c0 + chunk)
-            y = weight32(c0, c1).t()  # (cols, out): the output for each unit input
+            w = weight32(c0, c1)  # (out, cols)
             if earlier:  # a copy: earlier forms add into it, and it may be a view of the weight itself
-                y = y.clone(memory_format=torch.contiguous_format)
-                eye = torch.zeros(c1 - c0, in_features, device=y.device)
-                eye[:, c0:c1] = torch.eye(c1 - c0, device=y.device)
-                for form in earlier:
-                    view = y[:, form.start:form.start + form.length]
-                    view += form.contribution(eye, view)
-            yield c0, c1, y[:, rows[0]:rows[0] + rows[1]]
+                w = w.clone(memory_format=torch.contiguous_format)
+                for form, pair in zip(earlier, pairs):
+                    block = w[form.start:form.start + form.length]
+                    if pair is not None:
+                        block.addmm_(pair[0].to(w.dtype), pair[1][:, c0:c1].to(w.dtype))
+                        continue
+                    if eye is None:
+                        eye = torch.zeros(chunk, in_features, device=w.device)
+                    unit = eye[:c1 - c0]
+                    unit[:, c0:c1] = torch.eye(c1 - c0, device=w.device)
+                    view = block.t()
+                    view += form.contribution(unit, view)
+                    unit[:, c0:c1] = 0
+            yield c0, c1, w[rows[0]:rows[0] + rows[1]].t()
     return gen
 
 

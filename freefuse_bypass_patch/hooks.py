@@ -254,7 +254,9 @@ class FusedBypassHook:
         self._scales: Dict[int, float] = {}  # id(slot) -> the scale later patches put on its term (compose)
         self._replay: Optional[Tuple[int, Tuple[AdapterSlot, ...]]] = None  # see later_patches.compose
         self._later: Tuple[tuple, ...] = ()  # the weight's patches, kept while replayed
-        self._named = self._said_replay = False
+        self._around: Tuple[tuple, tuple] = ((), ())  # (undo, redo) form slots of later merged LoRAs
+        self._around_cache: Dict[tuple, Any] = {}
+        self._named, self._said = False, ""
         self.calls = 0  # forward-hook runs: :mod:`.unhooked` tells whether a call reached the module
 
     # -- lifecycle -------------------------------------------------------------------
@@ -279,26 +281,51 @@ class FusedBypassHook:
         if self.module.__dict__.get(ACTIVE_HOOK_ATTR) is self:
             del self.module.__dict__[ACTIVE_HOOK_ATTR]
 
-    def compose(self, patches: Sequence[tuple]) -> Tuple[bool, Optional[str]]:
+    def compose(self, patches: Sequence[tuple]) -> Tuple[str, Optional[str]]:
         """Compose the patches the patcher added to this weight after its adapters were loaded, as
         ``calculate_weight`` composes them (:mod:`.later_patches`): additive adapters scaled by the
-        later ``strength_model``; the module replayed through the merge code when an adapter that
-        reads W' or the output has patches after it. Returns (replayed, what cannot be composed),
-        each the first time only, for the caller's one line."""
+        later ``strength_model``; when an adapter that reads W' or the output has patches after it,
+        those undone and redone around the forms (merged LoRAs with a factored form) or the module
+        replayed through the merge code. Returns (how, the first time only: "factored" or
+        "replayed"; what cannot be composed, the first time only), for the caller's lines."""
         plan = later_patches.compose([s for s in self.slots if s not in self.trainable], patches, _additive)
-        if plan.scales != self._scales or plan.replay != self._replay:
-            self._scales, self._replay = plan.scales, plan.replay
+        replay, around = plan.replay, ((), ())
+        if replay is not None and replay[1]:
+            found = self._factored_around(patches, *replay)
+            if found is not None:
+                replay, around = None, found
+        if plan.scales != self._scales or replay != self._replay or around != self._around:
+            self._scales, self._replay, self._around = plan.scales, replay, around
             self._built.clear()
-        self._later = tuple(patches) if plan.replay is not None else ()
+        self._later = tuple(patches) if replay is not None else ()
         named = None
         if plan.inexact and not self._named:
             self._named = True
             named = "%s (%s after %s: %s)" % (self.module_path, ", ".join(plan.blockers),
                                                ", ".join(sorted({_kind(s) for s in plan.inexact})),
                                                ", ".join(sorted({str(s.key) for s in plan.inexact})))
-        replayed = bool(plan.replay and plan.replay[1]) and not self._said_replay
-        self._said_replay = self._said_replay or replayed
-        return replayed, named
+        how = self.composition
+        said, self._said = (how if how and how != self._said else ""), how or self._said
+        return said, named
+
+    @property
+    def composition(self) -> str:
+        """How patches added after this module's adapters are composed now: "factored" (undone and
+        redone around the forms), "replayed" (the merge code, per forward) or "" (nothing to do
+        beyond scales)."""
+        return "factored" if self._around[0] else "replayed" if self._replay and self._replay[1] else ""
+
+    def _factored_around(self, patches: Sequence[tuple], start: int, slots: Sequence[AdapterSlot]):
+        """(undo, redo) when every adapter here is a Linear form loaded before every later patch and
+        those are merged LoRAs with factored forms (:func:`.later_patches.around`), else None."""
+        if not self.linear or self.transient_groups or len(slots) != len(self.form_slots) or any(
+                s.patched != start for s in slots):
+            return None
+        key = (start,) + tuple(map(id, patches[start:]))
+        if key not in self._around_cache:  # decided once per list of later patches
+            self._around_cache = {key: later_patches.around(patches[start:], self.module, self.shape,
+                                                            self.weight_key)}
+        return self._around_cache[key]
 
     def _strength(self, slot: AdapterSlot) -> float:
         return slot.strength * self._scales.get(id(slot), 1.0)
@@ -407,7 +434,8 @@ class FusedBypassHook:
 
     def _build(self, device, dtype, cuda: bool, without: FrozenSet[int] = frozenset()) -> _Built:
         """Forms in fp32 on the compute device, weight-reading ones prepared in load order, then cast."""
-        form_slots = [(s, cls) for s, cls in self.form_slots if s.lora not in without]
+        undo, redo = self._around
+        form_slots = [(s, cls) for s, cls in undo + self.form_slots + redo if s.lora not in without]
         if not self.linear:  # conv forms: additive, each applied on its own
             return _Built(tuple(ConvTerm(cls(s.adapter, self._strength(s), *out_rows(s.target, self.shape), self.module,
                                              device).cast(device, dtype), s.lora) for s, cls in form_slots), None)
@@ -418,7 +446,8 @@ class FusedBypassHook:
             if form.needs_weight:
                 if weight is None:  # W' as this module's forward computes with it, read once per build
                     weight = read(self.module, device)[0].reshape(self.out_features, -1)
-                form.prepare(effective_columns(_columns32(weight), self.in_features, forms32, (start, length)))
+                form.prepare(effective_columns(_columns32(weight), self.in_features, forms32, (start, length),
+                                              out_features=self.out_features))
             forms32.append(form)
         del weight
         block = self.layout == "block" or (self.layout == "auto" and cuda)

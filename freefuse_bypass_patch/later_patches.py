@@ -19,6 +19,12 @@ LoRA, LoHa or LoKr without DoRA. After affine patches only:
   by the merge code (fp32, full-size and dropped at once, as a transient adapter's delta);
   the difference from W' is each LoRA's term, masked and switched per LoRA as usual.
 
+  When the later patches are all merged LoRAs (LoHa, LoKr) after every adapter of the module
+  (LoraLoaderBypass -> LoraLoaderModelOnly, the common chain) and every one of them has a
+  factored form, the replay needs no full-size work: :func:`around` gives them as factored
+  slots, with minus their strength before the module's forms (W' and the output then read as
+  before those patches) and with it after them (added back), built and applied like any other.
+
 A later patch that is not affine (a merged DoRA, OFT or GLoRA, a ``set``, a scale on a slice)
 cannot be undone from W': the adapters before it are named once, with the keys, and applied
 as if it came first.
@@ -31,7 +37,10 @@ from typing import Callable, Dict, FrozenSet, NamedTuple, Optional, Sequence, Tu
 
 import torch
 
-from .slots import AdapterSlot, weight_dependent
+from .keys import Target
+from .slots import FACTORED, AdapterSlot, decide, weight_dependent
+
+MERGED_LORA = -1  # the chain position of a later merged patch around a module's forms: no mask, no switch
 
 
 class Composition(NamedTuple):
@@ -108,6 +117,30 @@ def compose(slots: Sequence[AdapterSlot], patches: Sequence[tuple],
         if any(s.patched < 0 for s in slots):
             blockers.add("a bypass adapter of unknown place (loaded by the 0.14.1 fork)")
     return Composition(scales, replay, tuple(inexact), tuple(sorted(blockers)))
+
+
+FormSlots = Tuple[Tuple[AdapterSlot, type], ...]
+
+
+def around(patches: Sequence[tuple], module: torch.nn.Module, shape: Sequence[int], weight_key: str
+           ) -> Optional[Tuple[FormSlots, FormSlots]]:
+    """``patches`` (merged after every adapter of the module) as (undo, redo): factored slots with
+    minus and plus their strength, or None when one of them has no additive factored form here
+    (a diff, a scale, a slice on the input axis...): the module is then replayed in full."""
+    undo, redo = [], []
+    for i, patch in enumerate(patches):
+        strength, adapter, scale, offset, function = patch[:5]
+        if float(scale) != 1.0 or not affine(patch) or isinstance(adapter, (tuple, list)):
+            return None
+        slot = AdapterSlot(("merged after", weight_key, i), Target(weight_key, offset, function), adapter,
+                           float(strength), lora=MERGED_LORA)
+        decision = decide(slot, module, shape, can_merge=False)
+        form = decision.form
+        if decision.fate != FACTORED or form is None or form.needs_weight or form.reads_output:
+            return None
+        undo.append((AdapterSlot(slot.key, slot.target, adapter, -float(strength), MERGED_LORA, decision), form))
+        redo.append((AdapterSlot(slot.key, slot.target, adapter, float(strength), MERGED_LORA, decision), form))
+    return tuple(undo), tuple(redo)
 
 
 def merged(slots: Sequence[AdapterSlot], weight: torch.Tensor, strength: Callable[[AdapterSlot], float] = None

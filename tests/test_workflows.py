@@ -16,6 +16,7 @@ import torch
 
 import freefuse_bypass_patch as ffbp
 from freefuse_bypass_patch import kit as sc
+from freefuse_bypass_patch.loader import MANAGER_ATTACHMENT
 from support import REL_TOL, bypass_era
 
 pytestmark = bypass_era
@@ -147,11 +148,19 @@ def test_a_weight_reader_composes_with_patches_after_it_as_merged(kind, after):
     rel, effect = _close(got, want, plain)
     assert effect > 1e-2 and rel <= EXACT_TOL, (rel, effect)
     assert torch.equal(sc.forward(model1, inputs), base_before)  # ejecting restores the base bit for bit
+    # merged LoRAs after forms: undone and redone in factored form; a merge (a scale, model2's weight),
+    # a bypass LoRA after the merged one, or an adapter with no form (input-axis DoRA): replayed
+    expected = {"merged LoRA first": set(), "merged LoRA": {"factored" if kind != "dora_in" else "replayed"}}
+    hooks = bypass.attachments[MANAGER_ATTACHMENT].hooks
+    assert {h.composition for h in hooks if h.composition} == expected.get(after, {"replayed"})
 
 
-def test_replayed_module_with_masks_and_the_switch():
-    """A replayed module keeps one delta per LoRA: masks of ones give the merged graph, a LoRA masked to
-    zero or switched off gives the graph without it (LoRA 1 is last: nothing reads it)."""
+@pytest.mark.parametrize("order", ["merged between", "merged last"])
+def test_composed_module_with_masks_and_the_switch(order):
+    """DoRA (LoRA 0) and a plain LoRA (LoRA 1) in bypass, a LoRA merged between them (those modules are
+    replayed: one delta per LoRA) or after both (undone and redone around the forms): masks of ones
+    give the merged graph, LoRA 1 masked to zero or switched off gives the graph without it (nothing
+    reads it), LoRA 0 switched off the graph without the DoRA."""
     model1 = sc.tiny_flux(seed=0)
     inputs = sc.flux_inputs()
     dora = sc.adapter_lora(model1.model, "dora", "kohya", seed=76)
@@ -161,9 +170,15 @@ def test_replayed_module_with_masks_and_the_switch():
     last = sc.adapter_lora(model1.model, "lora", "kohya", seed=79, targets=masked)
     bypass, merged = comfy.sd.load_bypass_lora_for_models, comfy.sd.load_lora_for_models
 
-    def graph(first, second):
-        patcher = merged(first(model1, None, dora, 1.0, 0)[0], None, lora, 0.8, 0)[0]
-        return second(patcher, None, last, 0.9, 0)[0] if second else patcher
+    def graph(first, second, with_dora=True):
+        steps = [(first, dora, 1.0)] if with_dora else []
+        steps += [(merged, lora, 0.8), (second, last, 0.9)] if order == "merged between" else \
+            [(second, last, 0.9), (merged, lora, 0.8)]
+        patcher = model1
+        for load, sd, strength in steps:
+            if load is not None:
+                patcher = load(patcher, None, sd, strength, 0)[0]
+        return patcher
 
     chained = graph(bypass, bypass)
     plain = sc.forward(merged(model1, None, lora, 0.8, 0)[0], inputs)
@@ -174,8 +189,10 @@ def test_replayed_module_with_masks_and_the_switch():
     zero = ffbp.with_lora_masks(chained, {0: torch.ones(h, w), 1: torch.zeros(h, w)}, text_masks={1: torch.zeros(5)})
     assert _close(sc.forward(zero, inputs), want_first, plain)[0] <= EXACT_TOL
     assert _close(sc.forward(ffbp.with_loras_enabled(chained, {1: False}), inputs), want_first, plain)[0] <= EXACT_TOL
-    only_last = sc.forward(merged(merged(model1, None, lora, 0.8, 0)[0], None, last, 0.9, 0)[0], inputs)
+    only_last = sc.forward(graph(None, merged, with_dora=False), inputs)
     assert _close(sc.forward(ffbp.with_loras_enabled(chained, {0: False}), inputs), only_last, plain)[0] <= EXACT_TOL
+    ways = {h.composition for h in chained.attachments[MANAGER_ATTACHMENT].hooks}
+    assert ("replayed" in ways) == (order == "merged between") and "factored" in ways, ways
 
 
 @pytest.mark.parametrize("first", ["dora", "lora"])

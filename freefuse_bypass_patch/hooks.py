@@ -277,7 +277,7 @@ class FusedBypassHook:
         self._handle.remove()
         self._handle = None
         self._built.clear()
-        self._later = ()  # a merge's patches hold model2's weights: not kept past the sampling
+        self._later, self._around_cache = (), {}  # a merge's patches hold model2's weights: not kept past sampling
         if self.module.__dict__.get(ACTIVE_HOOK_ATTR) is self:
             del self.module.__dict__[ACTIVE_HOOK_ATTR]
 

@@ -12,6 +12,8 @@ posted to ``/prompt``, ``/history`` is polled and the saved latents are fetched 
 * ``LoraLoaderBypassModelOnly`` == ``LoraLoaderModelOnly`` (merged) within REL_TOL, one LoRA
   and two chained (stock bypass, the plugin switched off, is 0.68 and 1.14 off here: it drops
   the fused slices and the diff function);
+* a DoRA through ``LoraLoaderBypassModelOnly`` then a LoRA through ``LoraLoaderModelOnly`` == both
+  merged (issue 20: the merged LoRA undone and redone around the DoRA's forms);
 * the base workflow gives the same latent, bit for bit, after the bypass runs.
 
 The merged runs load the checkpoint under other file names, so they get a model of their own
@@ -47,9 +49,13 @@ START_TIMEOUT = 300  # s; a cold start on a busy 2-core machine takes 10-60 s
 RUN_TIMEOUT = 300  # s per workflow (each takes about a second)
 SIZES = dict(hidden_size=256, depth=1, depth_single_blocks=1, context_in_dim=32, vec_in_dim=32)
 MODEL = "ffbp_tiny_flux.safetensors"
-MERGED_MODELS = ("ffbp_tiny_flux_merged1.safetensors", "ffbp_tiny_flux_merged2.safetensors")
+MERGED_MODELS = ("ffbp_tiny_flux_merged1.safetensors", "ffbp_tiny_flux_merged2.safetensors",
+                 "ffbp_tiny_flux_merged3.safetensors")
 ONE = [("ffbp_lora_a.safetensors", 1.0)]
 CHAIN = [("ffbp_lora_a.safetensors", 0.8), ("ffbp_lora_b.safetensors", 0.6)]
+DORA = "ffbp_dora.safetensors"
+# issue 20: a DoRA in bypass, then a plain LoRA merged after it (True: the bypass loader, whatever ``bypass`` says)
+DORA_THEN_MERGED = [(DORA, 0.8, True), ("ffbp_lora_a.safetensors", 1.0, False)]
 
 CONDITIONING_NODE = textwrap.dedent('''
     """Test-only node: Flux conditioning from a seed (text features and pooled vector), no text encoder."""
@@ -179,11 +185,12 @@ class Server:
 
 
 def workflow(model_file, loras=(), bypass=False, nonce=0, prefix="ffbp"):
-    """UNETLoader -> LoRA loaders (chained) -> KSampler (2 steps, 64x64 px) -> SaveLatent."""
-    loader = "LoraLoaderBypassModelOnly" if bypass else "LoraLoaderModelOnly"
+    """UNETLoader -> LoRA loaders (chained) -> KSampler (2 steps, 64x64 px) -> SaveLatent. A LoRA given as
+    (name, strength, True) goes through the bypass loader when ``bypass``, the merged one otherwise."""
     graph = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": model_file, "weight_dtype": "default"}}}
     model = ["1", 0]
-    for i, (name, strength) in enumerate(loras):
+    for i, (name, strength, *own) in enumerate(loras):
+        loader = "LoraLoaderBypassModelOnly" if bypass and (own or [True])[0] else "LoraLoaderModelOnly"
         node = str(10 + i)
         graph[node] = {"class_type": loader, "inputs": {"model": model, "lora_name": name, "strength_model": strength}}
         model = [node, 0]
@@ -218,6 +225,7 @@ def _install(root):
     os.makedirs(loras, exist_ok=True)
     for seed, (name, _) in enumerate(CHAIN):
         kit.save_lora(kit.family_lora(probe, "flux", seed=seed, rank=4), os.path.join(loras, name))
+    kit.save_lora(kit.adapter_lora(probe, "dora", "kohya", seed=7), os.path.join(loras, DORA))
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +254,10 @@ def test_bypass_lora_nodes_give_the_merged_result_through_a_real_server(server):
     base_after = server.run(workflow(MODEL, nonce=1, prefix="base_after"))  # nonce: sampled again, same model
     merged_one = server.run(workflow(MERGED_MODELS[0], ONE, prefix="merged_one"))
     merged_chain = server.run(workflow(MERGED_MODELS[1], CHAIN, prefix="merged_chain"))
+    bypass_dora = server.run(workflow(MODEL, DORA_THEN_MERGED, bypass=True, prefix="bypass_dora"))
+    merged_dora = server.run(workflow(MERGED_MODELS[2], DORA_THEN_MERGED, prefix="merged_dora"))
     seconds = time.time() - started
-    print("ComfyUI %s: server up in %.1f s, six workflows in %.1f s" % (VERSION, server.start_seconds, seconds))
+    print("ComfyUI %s: server up in %.1f s, eight workflows in %.1f s" % (VERSION, server.start_seconds, seconds))
 
     log = server.log_text()
     assert "[freefuse_bypass_patch] freefuse_bypass_patch active on ComfyUI" in log, log[-6000:]
@@ -256,8 +266,10 @@ def test_bypass_lora_nodes_give_the_merged_result_through_a_real_server(server):
     assert "Adapter key not in model state_dict" not in log  # what stock bypass says when it drops a fused slice
     assert "[freefuse_bypass_patch] not loaded" not in log and "NOT applied" not in log
     assert base.shape == (1, 16, 8, 8) and torch.isfinite(base).all()
-    for bypass, merged in ((bypass_one, merged_one), (bypass_chain, merged_chain)):
+    for bypass, merged in ((bypass_one, merged_one), (bypass_chain, merged_chain), (bypass_dora, merged_dora)):
         assert kit.max_rel_diff(merged, base) > 0.05  # the LoRAs change the result
         assert kit.max_rel_diff(bypass, merged) <= REL_TOL, kit.max_rel_diff(bypass, merged)
     assert kit.max_rel_diff(bypass_chain, bypass_one) > 0.01  # the second LoRA counts
+    assert kit.max_rel_diff(merged_dora, merged_one) > 0.01  # the DoRA counts under the merged LoRA
+    assert "undone and redone around the adapters in their factored forms" in log  # how it was composed
     assert torch.equal(base_after, base)  # the bypass runs left the base model as it was

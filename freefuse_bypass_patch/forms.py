@@ -469,8 +469,9 @@ class _RowPermuted:
         add_masked(rows, self.contribution(x, None), mask)
 
 
-_PERMUTED: dict = {}  # (class, rows) -> the permuted class
-_PERMUTED_BY_ID: dict = {}  # (class, id(rows)) -> (rows, the permuted class or class)
+# (class, id(rows)) -> (rows, the permuted class): row_permutation hands out the same tuple for a
+# (function, rows), so a load does not hash every row; the tuple is held, so its id is not reused
+_PERMUTED: dict = {}
 
 
 def permuted_rows(cls: type, perm: Tuple[int, ...]) -> Optional[type]:
@@ -478,18 +479,12 @@ def permuted_rows(cls: type, perm: Tuple[int, ...]) -> Optional[type]:
     than to a plain additive diff (forms that read W' or the output: DoRA, GLoRA, OFT, BOFT)."""
     if cls.reads_output or cls.needs_weight:
         return None
-    seen = _PERMUTED_BY_ID.get((cls, id(perm)))  # row_permutation's tuple again: no hash of every row
-    if seen is not None and seen[0] is perm:
-        return seen[1]
-    if perm == tuple(range(len(perm))):
-        made = cls
-    else:
-        made = _PERMUTED.get((cls, perm))
-        if made is None:
-            made = _PERMUTED[(cls, perm)] = type(cls.__name__, (_RowPermuted, cls),
-                                                 {"rows": perm, "__doc__": cls.__doc__})
-    _PERMUTED_BY_ID[(cls, id(perm))] = (perm, made)  # holds perm: its id is not reused
-    return made
+    seen = _PERMUTED.get((cls, id(perm)))
+    if seen is None:
+        made = cls if perm == tuple(range(len(perm))) else type(cls.__name__, (_RowPermuted, cls),
+                                                                {"rows": perm, "__doc__": cls.__doc__})
+        seen = _PERMUTED[(cls, id(perm))] = (perm, made)
+    return seen[1]
 
 
 def dora_on_rows(dora_scale: torch.Tensor, out_rows: int) -> bool:

@@ -301,8 +301,8 @@ class FusedBypassHook:
         named = None
         if plan.inexact and not self._named:
             self._named = True
-            named = "%s (%s after %s: %s)" % (self.module_path, ", ".join(plan.blockers),
-                                               ", ".join(sorted({_kind(s) for s in plan.inexact})),
+            kinds = sorted({later_patches.adapter_kind(s.adapter) for s in plan.inexact})
+            named = "%s (%s after %s: %s)" % (self.module_path, ", ".join(plan.blockers), ", ".join(kinds),
                                                ", ".join(sorted({str(s.key) for s in plan.inexact})))
         how = self.composition
         said, self._said = (how if how and how != self._said else ""), how or self._said
@@ -540,12 +540,8 @@ class FusedBypassHook:
         for step in steps:
             patched = later_patches.merged(step, current.clone())
             delta, current = (patched.to(torch.float32) - current).to(out.dtype), patched
-            term = _conv(self.module, xc, delta) if delta.dim() != 2 else F.linear(xc, delta)
-            m = masks(step[0].lora) if masks is not None and len(step) == 1 else None
-            if m is not None and term.dim() == out.dim() and delta.dim() == 2:
-                term = term.reshape(-1, term.shape[-1]).mul_(m).view(out.shape)
-            out.add_(term)
-            del delta, term
+            self._add_delta(xc, out, delta, masks(step[0].lora) if masks is not None and len(step) == 1 else None)
+            del delta
 
     def _add_replayed(self, x: torch.Tensor, out: torch.Tensor, masks: Optional[LoraMasks],
                       off: FrozenSet[int]) -> None:
@@ -558,14 +554,16 @@ class FusedBypassHook:
         deltas = later_patches.replay(slots, self._later, start, weight, off, per_lora=masks is not None)
         del weight
         xc = x if x.dtype == out.dtype else x.to(out.dtype)
-        for lora, delta in deltas.items():
-            delta = delta.to(out.dtype)
-            term = _conv(self.module, xc, delta) if delta.dim() != 2 else F.linear(xc, delta)
-            m = masks(lora) if masks is not None else None
-            if m is not None and term.dim() == out.dim() and delta.dim() == 2:
-                term = term.reshape(-1, term.shape[-1]).mul_(m).view(out.shape)
-            out.add_(term)
-            del delta, term
+        for lora in list(deltas):
+            self._add_delta(xc, out, deltas.pop(lora).to(out.dtype), masks(lora) if masks is not None else None)
+
+    def _add_delta(self, xc: torch.Tensor, out: torch.Tensor, delta: torch.Tensor,
+                   mask: Optional[torch.Tensor]) -> None:
+        """out += the module's op with weight ``delta`` on ``xc``, scaled per token by ``mask`` (Linear only)."""
+        term = _conv(self.module, xc, delta) if delta.dim() != 2 else F.linear(xc, delta)
+        if mask is not None and term.dim() == out.dim() and delta.dim() == 2:
+            term = term.reshape(-1, term.shape[-1]).mul_(mask).view(out.shape)
+        out.add_(term)
 
     def _apply_trainable(self, slot: AdapterSlot, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """ComfyUI's own bypass contract for trainable adapters: g(f(x) + h(x))."""
@@ -585,12 +583,6 @@ def _additive(slot: AdapterSlot) -> bool:
         return not d.reads_weight
     return d.form is not None and not d.reads_weight and not getattr(d.form, "reads_output", False) \
         and not getattr(d.form, "needs_weight", False)
-
-
-def _kind(slot: AdapterSlot) -> str:
-    return type(slot.adapter).__name__.replace("Adapter", "") + (" (DoRA)" if weight_dependent(slot.adapter) and
-                                                                 getattr(slot.adapter, "name", "") in
-                                                                 ("lora", "loha", "lokr") else "")
 
 
 def _reads_earlier(slot: AdapterSlot) -> bool:

@@ -33,7 +33,7 @@ as if it came first.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, FrozenSet, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,8 +62,14 @@ def describe(patch: tuple) -> str:
         return "diff (another model's weight)"
     if isinstance(v, tuple):
         return str(v[0]) if len(v) == 2 and isinstance(v[0], str) else "diff"
-    name = type(v).__name__.replace("Adapter", "")
-    return name + " (DoRA)" if getattr(v, "name", None) in ("lora", "loha", "lokr") and weight_dependent(v) else name
+    return adapter_kind(v)
+
+
+def adapter_kind(adapter: Any) -> str:
+    """An adapter as a message names it: ``LoRA``, ``LoKr``, ``OFT``, ``LoRA (DoRA)``..."""
+    name = type(adapter).__name__.replace("Adapter", "")
+    dora = getattr(adapter, "name", None) in ("lora", "loha", "lokr") and weight_dependent(adapter)
+    return name + " (DoRA)" if dora else name
 
 
 def affine(patch: tuple) -> bool:
@@ -143,18 +149,12 @@ def around(patches: Sequence[tuple], module: torch.nn.Module, shape: Sequence[in
     return tuple(undo), tuple(redo)
 
 
-def merged(slots: Sequence[AdapterSlot], weight: torch.Tensor, strength: Callable[[AdapterSlot], float] = None
-           ) -> torch.Tensor:
-    """``weight`` patched by ``slots`` in order, by ComfyUI's merge code, in fp32 (``strength``:
-    each slot's, default its own)."""
+def merged(slots: Sequence[AdapterSlot], weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` patched by ``slots`` in order, by ComfyUI's merge code, in fp32."""
     import comfy.lora
 
-    patches = [((strength or _own)(s), s.adapter, 1.0, s.target.offset, s.target.function) for s in slots]
+    patches = [(s.strength, s.adapter, 1.0, s.target.offset, s.target.function) for s in slots]
     return comfy.lora.calculate_weight(patches, weight, slots[0].target.weight_key, intermediate_dtype=torch.float32)
-
-
-def _own(slot: AdapterSlot) -> float:
-    return slot.strength
 
 
 def replay(slots: Sequence[AdapterSlot], patches: Sequence[tuple], start: int, weight: torch.Tensor,

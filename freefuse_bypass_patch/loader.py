@@ -87,16 +87,11 @@ def model_index(root: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[st
     return buffers, modules
 
 
-def _owner(root: torch.nn.Module, modules: Dict[str, torch.nn.Module], target: Target, tensor: torch.Tensor):
+def _owner(modules: Dict[str, torch.nn.Module], target: Target, tensor: torch.Tensor):
     """The module whose ``weight`` is ``tensor``, or None (a LoRA on a buffer or a bias-like param)."""
     if not target.weight_key.endswith(".weight"):
         return None
-    module = modules.get(target.module_path)
-    if module is None:
-        try:
-            module = root.get_submodule(target.module_path)
-        except AttributeError:
-            return None
+    module = modules.get(target.module_path)  # every module of root, from the same walk as the tensors
     return module if getattr(module, "weight", None) is tensor else None
 
 
@@ -124,7 +119,7 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
     tensors, modules = model_index(root)
     names = tuple(bypass_loras(patcher)) or (("lora_0",) if earlier else ())
     name = next_name(names)  # raises before anything changes if the caller's name is taken
-    earlier = tuple(_decide(root, tensors, modules, slot) for slot in earlier)  # the 0.14.1 fork's were not decided
+    earlier = tuple(_decide(tensors, modules, slot) for slot in earlier)  # the 0.14.1 fork's were not decided
     new_slots, merged, bypassed = [], {}, []
     for key, adapter in adapters.items():
         try:
@@ -135,7 +130,7 @@ def bypass_into(patcher, root, adapters: Dict[Any, Any], strength: float, report
         if target.weight_key not in tensors:
             continue  # another model's key (the text encoder's, say)
         patched = len((getattr(patcher, "patches", None) or {}).get(target.weight_key, ()))  # what comes before it
-        slot = _decide(root, tensors, modules, AdapterSlot(key, target, adapter, float(strength), lora=len(names),
+        slot = _decide(tensors, modules, AdapterSlot(key, target, adapter, float(strength), lora=len(names),
                                                   patched=patched))
         report.decisions[key] = slot.decision
         if slot.decision.fate == REFUSED:
@@ -210,12 +205,11 @@ def offload_bypass(patcher, unpatch_all: bool = True) -> None:
         manager.offload(patcher, unpatch_all)
 
 
-def _decide(root, tensors: Dict[str, torch.Tensor], modules: Dict[str, torch.nn.Module],
-            slot: AdapterSlot) -> AdapterSlot:
+def _decide(tensors: Dict[str, torch.Tensor], modules: Dict[str, torch.nn.Module], slot: AdapterSlot) -> AdapterSlot:
     tensor = tensors.get(slot.target.weight_key)
     if tensor is None:  # an earlier slot whose weight this model does not have: the manager says so
         return slot
-    return decided(slot, _owner(root, modules, slot.target, tensor), logical_shape(tensor))
+    return decided(slot, _owner(modules, slot.target, tensor), logical_shape(tensor))
 
 
 def _nonfinite(pairs: List[Tuple[Any, Any]]) -> List[Any]:
